@@ -1,0 +1,256 @@
+"""Run configuration: pydantic models, presets, YAML in and out, CLI overrides.
+
+A run's config is built as: preset YAML (``maskkit/presets/<name>.yaml``) ← the user's YAML
+file ← ``--set key.path=value`` and the named CLI options. The result is validated here and
+saved beside the run as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from maskkit.errors import ConfigError, UnknownNameError
+
+PRESETS = ("smoke", "cpu", "paper")
+DEFAULT_PRESET = "cpu"
+
+Augment = Literal["none", "crop_flip", "randaugment"]
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """The MAE's size. ``paper``: ViT-B/2 at 32 px (768×12, decoder 512×8)."""
+
+    img_size: int = Field(32, gt=0)
+    patch_size: int = Field(4, gt=0)
+    in_chans: int = Field(3, gt=0)
+    embed_dim: int = Field(192, gt=0)
+    depth: int = Field(6, gt=0)
+    num_heads: int = Field(3, gt=0)
+    decoder_embed_dim: int = Field(128, gt=0)
+    decoder_depth: int = Field(2, gt=0)
+    decoder_num_heads: int = Field(4, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    norm_pix_loss: bool = True
+
+    @model_validator(mode="after")
+    def _check_divisibility(self) -> ModelConfig:
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"model.img_size {self.img_size} is not divisible by model.patch_size "
+                f"{self.patch_size}; pick a patch size that divides the image size"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads {self.num_heads}"
+            )
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError(
+                f"model.decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                f"model.decoder_num_heads {self.decoder_num_heads}"
+            )
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+class OptimizerConfig(StrictModel):
+    """AdamW with timm's weight-decay groups (none on biases and norms), cosine schedule."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = Field(128, gt=0)
+
+
+class LevelConfig(OptimizerConfig):
+    """One level of the MLO loop. ``unroll_steps``: steps of this level per step of the level above."""
+
+    unroll_steps: int = Field(1, gt=0)
+
+
+class MaskLevelConfig(LevelConfig):
+    """Level 3, the mask policy; its gradient is betty's hypergradient."""
+
+    hypergradient: Literal["darts", "neumann", "cg"] = "darts"
+    darts_alpha: float = Field(0.01, gt=0)
+    neumann_iterations: int = Field(1, gt=0)
+    neumann_alpha: float = Field(1.0, gt=0)
+    cg_iterations: int = Field(1, gt=0)
+    cg_alpha: float = Field(1.0, gt=0)
+
+
+class PretrainConfig(StrictModel):
+    """Stage 1: MAE pretraining, three-level MLO when the policy is learnable.
+
+    ``epochs`` counts passes of the pretrain level over all training images; ``steps`` (pretrain
+    level steps) overrides it when set.
+    """
+
+    epochs: float = Field(1.0, gt=0)
+    steps: int | None = Field(None, gt=0)
+    augment: Augment = "crop_flip"
+    eval_every: int | None = Field(None, gt=0, description="pretrain steps between evaluations")
+    checkpoint_every: int | None = Field(None, gt=0, description="pretrain steps between checkpoints")
+    pretrain: LevelConfig = LevelConfig(lr=1e-3, unroll_steps=2)
+    finetune: LevelConfig = LevelConfig(lr=1e-3)
+    mask: MaskLevelConfig = MaskLevelConfig(lr=1e-3)
+
+
+class FinetuneConfig(StrictModel):
+    """Stage 2: end-to-end fine-tuning of encoder + linear head (the seed's recipe)."""
+
+    epochs: float = Field(100.0, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(5e-5, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = Field(64, gt=0)
+    augment: Augment = "randaugment"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class DataConfig(StrictModel):
+    dataset: str = "dermamnist"
+    data_dir: Path | None = Field(None, description="default: $MASKKIT_DATA_DIR, else a user cache folder")
+    download: bool = False
+    train_portion: float = Field(0.8, gt=0, lt=1)
+    mask_source: Literal["auto", "train_tail", "val"] = "auto"
+    subset: int | None = Field(None, gt=0, description="keep at most this many images per split")
+    eval_batch_size: int = Field(256, gt=0)
+
+
+class RunConfig(StrictModel):
+    """Everything a run needs; saved as ``config.yaml`` in the run dir."""
+
+    preset: str = DEFAULT_PRESET
+    policy: str = "random"
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+    mask_ratio: float = Field(0.75, ge=0, lt=1)
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+    @model_validator(mode="after")
+    def _check_tokens_kept(self) -> RunConfig:
+        num_patches = self.model.num_patches
+        if int(num_patches * (1 - self.mask_ratio)) < 1:
+            raise ValueError(
+                f"mask_ratio {self.mask_ratio} keeps no token of {num_patches} patches; "
+                f"use a ratio below {1 - 1 / num_patches:.4f}"
+            )
+        return self
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_dict(name: str) -> dict:
+    """The raw YAML of a built-in preset."""
+    if name not in PRESETS:
+        raise UnknownNameError("preset", name, list(PRESETS))
+    text = resources.files("maskkit").joinpath("presets", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping, with readable errors."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
+    return loaded
+
+
+def parse_override(assignment: str) -> dict:
+    """``"pretrain.mask.lr=1e-4"`` → ``{"pretrain": {"mask": {"lr": 1e-4}}}`` (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects KEY.PATH=VALUE, got '{assignment}'")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    tree: dict = {}
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per problem: ``key.path: message (got value)``."""
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; `maskkit config show` lists valid keys)"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or item["type"] == "extra_forbidden" else f" (got {got!r})"
+        problems.append(f"{location}: {message}{shown}")
+    return "invalid config: " + "; ".join(problems)
+
+
+def build_config(
+    preset: str = DEFAULT_PRESET,
+    config_file: Path | None = None,
+    overrides: list[dict] | None = None,
+) -> RunConfig:
+    """Merge preset ← file ← overrides and validate."""
+    raw = preset_dict(preset)
+    if config_file is not None:
+        raw = _deep_merge(raw, read_yaml(config_file))
+    for override in overrides or []:
+        raw = _deep_merge(raw, override)
+    raw["preset"] = raw.get("preset", preset)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Read a saved ``config.yaml``."""
+    return validate_config(read_yaml(path))

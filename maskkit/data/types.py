@@ -1,0 +1,89 @@
+"""Plain containers for labelled image data: one split, and a whole dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ImageSplit", "LabelledDataset"]
+
+
+@dataclass
+class ImageSplit:
+    """One split of a labelled image dataset, held in memory.
+
+    Attributes:
+        images: ``[N, C, H, W]`` uint8 pixels in ``0..255``; always ``C == 3``
+            (grayscale sources are repeated to three channels by the loaders).
+        labels: ``[N]`` int64 class indices in ``0..num_classes-1``.
+    """
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"ImageSplit.images must be [N, 3, H, W], got shape {tuple(self.images.shape)}")
+        if self.images.dtype != torch.uint8:
+            raise ValueError(f"ImageSplit.images must be uint8, got {self.images.dtype}")
+        if self.labels.dim() != 1 or self.labels.dtype != torch.int64:
+            raise ValueError(
+                "ImageSplit.labels must be a 1-D int64 tensor, got "
+                f"shape {tuple(self.labels.shape)} and dtype {self.labels.dtype}"
+            )
+        if self.labels.shape[0] != self.images.shape[0]:
+            raise ValueError(
+                f"ImageSplit has {self.images.shape[0]} images but {self.labels.shape[0]} labels"
+            )
+
+    def __len__(self) -> int:
+        """Number of images ``N``."""
+        return int(self.images.shape[0])
+
+    def subset(self, indices: Tensor) -> ImageSplit:
+        """The images and labels at ``indices``.
+
+        Args:
+            indices: ``[K]`` int64 indices (or a ``[N]`` bool mask) into this split.
+
+        Returns:
+            A new split with ``images`` ``[K, 3, H, W]`` and ``labels`` ``[K]``, in the order of
+            ``indices``. The tensors are copies, not views.
+        """
+        indices = torch.as_tensor(indices, device=self.images.device)
+        return ImageSplit(images=self.images[indices], labels=self.labels[indices])
+
+
+@dataclass
+class LabelledDataset:
+    """A labelled image dataset as loaded from disk, resized to one square size.
+
+    Attributes:
+        name: the registry name it was loaded under, e.g. ``"dermamnist"``.
+        train: the training split, ``[N_train, 3, S, S]``.
+        val: the dataset's own validation split if it has one (MedMNIST does, CIFAR does not).
+        test: the test split.
+        class_names: one human-readable name per class index.
+        mean: per-channel mean of the train images scaled to ``[0, 1]``.
+        std: per-channel standard deviation of the train images scaled to ``[0, 1]``.
+    """
+
+    name: str
+    train: ImageSplit
+    val: ImageSplit | None
+    test: ImageSplit
+    class_names: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, ``len(class_names)``."""
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        """Side length ``S`` of the (square) images."""
+        return int(self.train.images.shape[-1])

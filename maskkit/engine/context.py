@@ -1,0 +1,62 @@
+"""What every stage of a run shares: config, device, data, run dir, progress display."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from maskkit.config import RunConfig
+from maskkit.data import LabelledDataset, MLOSplits
+from maskkit.rundir import RunDir
+from maskkit.runtime import autocast, use_bf16
+
+
+@dataclass
+class RunContext:
+    config: RunConfig
+    device: torch.device
+    dataset: LabelledDataset
+    splits: MLOSplits
+    run: RunDir
+    console: Console
+
+    @functools.cached_property
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
+        """A fresh bf16 autocast context on CUDA (fp32 on CPU, unless the config says otherwise)."""
+        enabled = use_bf16(self.device, self.config.precision)
+        return functools.partial(autocast, self.device, enabled)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.dataset.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.dataset.std
+
+    def progress(self) -> Progress:
+        """A rich progress bar with a free-text status field (loss, throughput)."""
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            transient=False,
+        )

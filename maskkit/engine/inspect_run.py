@@ -1,0 +1,109 @@
+"""Look at a finished run again: re-evaluate it, or draw its masks and reconstructions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from maskkit.checkpoint import checkpoint_path, load_checkpoint
+from maskkit.config import load_run_config
+from maskkit.data import normalize
+from maskkit.engine.evaluate import evaluate_classifier
+from maskkit.engine.objectives import masked_reconstruction
+from maskkit.engine.run import build_models, prepare
+from maskkit.errors import ConfigError
+from maskkit.models import ViTClassifier
+from maskkit.report import plot_confusion_matrix, plot_mask_grid, print_metrics
+from maskkit.rundir import RunDir
+from maskkit.runtime import autocast, use_bf16
+
+
+def _first_available(run: RunDir, pointers: tuple[str, ...]) -> str:
+    for pointer in pointers:
+        if checkpoint_path(run.checkpoints, pointer) is not None:
+            return pointer
+    raise ConfigError(
+        f"{run.path} has no {' or '.join(pointers)} checkpoint yet; "
+        "wait for the run to reach one, or resume it"
+    )
+
+
+def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
+    """Evaluate the fine-tuned model of a run on ``split`` (test or val); save JSON and PNG."""
+    run = RunDir.open(run_dir)
+    config = load_run_config(run.config_path)
+    device, dataset, splits = prepare(config, console)
+    mae, _, head = build_models(config, dataset.num_classes, device)
+    pointer = _first_available(run, ("final",))
+    load_checkpoint(run.checkpoints, pointer, map_location=str(device)).load_into({"mae": mae, "head": head})
+    target = {"test": splits.test, "val": dataset.val}.get(split)
+    if target is None:
+        raise ConfigError(f"split '{split}' is not available for {config.data.dataset}; use test or val")
+    enabled = use_bf16(device, config.precision)
+    metrics = evaluate_classifier(
+        ViTClassifier(mae, head),
+        target,
+        dataset.class_names,
+        config.data.eval_batch_size,
+        device,
+        dataset.mean,
+        dataset.std,
+        lambda: autocast(device, enabled),
+    )
+    print_metrics(metrics, console, title=f"{split} metrics of {run.path.name}")
+    run.write_json(f"evaluation_{split}.json", metrics)
+    png = plot_confusion_matrix(
+        metrics["confusion_matrix"], metrics["class_names"], run.plots / f"confusion_matrix_{split}.png"
+    )
+    console.print(f"saved [cyan]{run.path / f'evaluation_{split}.json'}[/] and [cyan]{png}[/]")
+    return metrics
+
+
+@torch.no_grad()
+def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int, console: Console) -> Path:
+    """PNG grid of test images: original → masked → reconstruction (→ mask probability)."""
+    run = RunDir.open(run_dir)
+    config = load_run_config(run.config_path)
+    device, dataset, splits = prepare(config, console)
+    mae, policy, _ = build_models(config, dataset.num_classes, device)
+    pointer = _first_available(run, ("pretrained", "best", "last"))
+    load_checkpoint(run.checkpoints, pointer, map_location=str(device)).load_into(
+        {"mae": mae, "policy": policy}
+    )
+    mae.eval()
+    policy.eval()
+    generator = torch.Generator().manual_seed(seed)
+    count = min(num_images, len(splits.test))
+    indices = torch.randperm(len(splits.test), generator=generator)[:count]
+    raw = splits.test.images[indices].to(device)  # [N, C, H, W] uint8
+    images = normalize(raw, dataset.mean, dataset.std)
+    torch.manual_seed(seed)
+    _, decision, pred = masked_reconstruction(mae, policy, images, config.mask_ratio)
+    pixels = mae.unpatchify(mae.denormalized_prediction(images, pred.float()))  # [N, C, H, W]
+    patch_mask = decision.mask.unsqueeze(-1).expand(-1, -1, mae.config.patch_size**2 * 3)
+    mask_image = mae.unpatchify(patch_mask)  # [N, C, H, W], 1 = masked
+    mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+
+    def to_numpy(batch: torch.Tensor) -> np.ndarray:
+        return (batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    originals = to_numpy(images)
+    grey = torch.full_like(images, 0.5)
+    grey = (grey - mean) / std
+    masked = to_numpy(images * (1 - mask_image) + grey * mask_image)
+    # As in the MAE paper: the reconstruction with the visible patches pasted back.
+    reconstructions = to_numpy(images * (1 - mask_image) + pixels * mask_image)
+    heatmaps = None
+    if decision.weights is not None:
+        grid = mae.grid_size
+        heatmaps = decision.weights.float().reshape(-1, grid, grid).clamp(0, 1).cpu().numpy()
+    path = output or run.plots / f"masks_{pointer}.png"
+    plot_mask_grid(originals, masked, reconstructions, path, heatmaps=heatmaps)
+    console.print(
+        f"saved [cyan]{path}[/] ({count} test images, policy {config.policy}, checkpoint '{pointer}')"
+    )
+    return path

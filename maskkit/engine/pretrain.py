@@ -1,0 +1,290 @@
+"""Stage 1: MAE pretraining, as the three-level MLO loop when the policy is learnable.
+
+The levels (pretrain, finetune, mask) are described in betty-free terms
+(:class:`~maskkit.engine.betty_glue.LevelSpec`) and stepped by
+:class:`~maskkit.engine.betty_glue.MultiLevelOptimizer`. A policy with ``learnable = False``
+runs the pretrain level alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from maskkit.checkpoint import save_checkpoint
+from maskkit.data import DeviceBatches
+from maskkit.engine.betty_glue import LevelSpec, MultiLevelOptimizer
+from maskkit.engine.context import RunContext
+from maskkit.engine.evaluate import evaluate_classifier
+from maskkit.engine.objectives import MLOObjectives
+from maskkit.engine.optim import adamw_from_config, cosine_schedule
+from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
+from maskkit.policy import MaskPolicy
+
+
+def pretrain_steps(context: RunContext) -> int:
+    """Pretrain-level steps: ``pretrain.steps`` if set, else epochs over all training images."""
+    config = context.config.pretrain
+    if config.steps is not None:
+        return config.steps
+    return max(1, math.ceil(config.epochs * len(context.splits.pretrain) / config.pretrain.batch_size))
+
+
+@dataclass
+class PretrainResult:
+    steps: int
+    level_steps: dict[str, int]
+    evaluation_counts: dict[str, int]
+    seconds: float
+    best_eval_accuracy: float | None = None
+    evaluations: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Pretrainer:
+    """Builds the levels of stage 1 and runs them with progress, metrics and checkpoints."""
+
+    context: RunContext
+    mae: MaskedAutoencoderViT
+    policy: MaskPolicy
+    head: ClassifierHead | None
+
+    def __post_init__(self) -> None:
+        config, device = self.context.config, self.context.device
+        self.total_steps = pretrain_steps(self.context)
+        self.objectives = MLOObjectives(
+            mae=self.mae,
+            policy=self.policy,
+            head=self.head,
+            mask_ratio=config.mask_ratio,
+            autocast=self.context.autocast,
+        )
+        self.batches = {
+            "pretrain": self._batches(self.context.splits.pretrain, config.pretrain.pretrain.batch_size, 1),
+        }
+        specs = {"pretrain": self._pretrain_spec()}
+        if self.policy.learnable:
+            if self.head is None:
+                raise ValueError("a learnable policy needs the level-2 head")
+            levels = config.pretrain
+            self.batches["finetune"] = self._batches(
+                self.context.splits.finetune, levels.finetune.batch_size, 2
+            )
+            self.batches["mask"] = self._batches(self.context.splits.mask_val, levels.mask.batch_size, 3)
+            specs["finetune"] = self._finetune_spec()
+            specs["mask"] = self._mask_spec()
+        self.mlo = MultiLevelOptimizer(specs, device, self.total_steps)
+        self.best_accuracy: float | None = None
+        self.start_step = 0
+
+    def _batches(self, split, batch_size: int, stream: int) -> DeviceBatches:
+        config = self.context.config
+        return DeviceBatches(
+            split,
+            batch_size,
+            self.context.device,
+            self.context.mean,
+            self.context.std,
+            augment=config.pretrain.augment,
+            seed=config.seed * 1000 + stream,
+        )
+
+    def level_steps(self, level: str) -> int:
+        """Steps level ``level`` takes over the whole run (its cosine schedule's length)."""
+        levels = self.context.config.pretrain
+        if level == "pretrain":
+            return self.total_steps
+        if level == "finetune":
+            return max(1, self.total_steps // levels.pretrain.unroll_steps)
+        return max(1, self.total_steps // (levels.pretrain.unroll_steps * levels.finetune.unroll_steps))
+
+    def _pretrain_spec(self) -> LevelSpec:
+        level = self.context.config.pretrain.pretrain
+        optimizer = adamw_from_config(self.mae, level)
+        return LevelSpec(
+            name="pretrain",
+            module=self.mae,
+            optimizer=optimizer,
+            scheduler=cosine_schedule(optimizer, self.level_steps("pretrain")),
+            next_batch=self.batches["pretrain"].next,
+            loss=self.objectives.pretrain_loss,
+            hypergradient_loss=lambda batch: self.objectives.pretrain_loss(batch, "hypergradient"),
+            unroll_steps=level.unroll_steps,
+            **self._hypergradient_settings(),
+        )
+
+    def _finetune_spec(self) -> LevelSpec:
+        level = self.context.config.pretrain.finetune
+        optimizer = adamw_from_config(self.head, level)
+        objectives = self.objectives
+        return LevelSpec(
+            name="finetune",
+            module=self.head,
+            optimizer=optimizer,
+            scheduler=cosine_schedule(optimizer, self.level_steps("finetune")),
+            next_batch=self.batches["finetune"].next,
+            loss=objectives.finetune_loss,
+            trunk=objectives.finetune_trunk,
+            head_loss=lambda features, batch, params: objectives.head_loss(features, batch[1], params),
+            unroll_steps=level.unroll_steps,
+            **self._hypergradient_settings(),
+        )
+
+    def _mask_spec(self) -> LevelSpec:
+        level = self.context.config.pretrain.mask
+        optimizer = adamw_from_config(self.policy, level)
+        return LevelSpec(
+            name="mask",
+            module=self.policy,
+            optimizer=optimizer,
+            scheduler=cosine_schedule(optimizer, self.level_steps("mask")),
+            next_batch=self.batches["mask"].next,
+            loss=self.objectives.mask_loss,
+            unroll_steps=level.unroll_steps,
+            **self._hypergradient_settings(),
+        )
+
+    def _hypergradient_settings(self) -> dict:
+        mask = self.context.config.pretrain.mask
+        return {
+            "hypergradient": mask.hypergradient,
+            "darts_alpha": mask.darts_alpha,
+            "neumann_iterations": mask.neumann_iterations,
+            "neumann_alpha": mask.neumann_alpha,
+            "cg_iterations": mask.cg_iterations,
+            "cg_alpha": mask.cg_alpha,
+        }
+
+    # --- state ------------------------------------------------------------------------------
+    def modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"mae": self.mae, "policy": self.policy}
+        if self.head is not None:
+            modules["head"] = self.head
+        return modules
+
+    def training_state(self, step: int) -> dict:
+        levels = self.mlo.levels
+        return {
+            "stage": "pretrain",
+            "step": step,
+            "mlo": self.mlo.state_dict(),
+            "optimizers": {name: level.optimizer.state_dict() for name, level in levels.items()},
+            "schedulers": {name: level.scheduler.state_dict() for name, level in levels.items()},
+            "batches": {name: batches.state_dict() for name, batches in self.batches.items()},
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "best_accuracy": self.best_accuracy,
+            "evaluation_counts": dict(self.objectives.counts),
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        for name, level in self.mlo.levels.items():
+            level.optimizer.load_state_dict(state["optimizers"][name])
+            level.scheduler.load_state_dict(state["schedulers"][name])
+        for name, batches in self.batches.items():
+            batches.load_state_dict(state["batches"][name])
+        self.mlo.load_state_dict(state["mlo"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.best_accuracy = state["best_accuracy"]
+        self.objectives.counts.update(state["evaluation_counts"])
+        self.start_step = state["step"]
+
+    def save(self, step: int, pointers: tuple[str, ...]) -> None:
+        save_checkpoint(
+            self.context.run.checkpoints, step, self.modules(), self.training_state(step), pointers
+        )
+
+    # --- the loop ----------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        assert self.head is not None
+        context = self.context
+        return evaluate_classifier(
+            ViTClassifier(self.mae, self.head),
+            context.splits.eval,
+            context.dataset.class_names,
+            context.config.data.eval_batch_size,
+            context.device,
+            context.mean,
+            context.std,
+            context.autocast,
+        )
+
+    def run(self) -> PretrainResult:
+        context, config = self.context, self.context.config.pretrain
+        eval_every = config.eval_every or max(1, self.total_steps // 5)
+        checkpoint_every = config.checkpoint_every or eval_every
+        log_every = max(1, min(50, self.total_steps // 100))
+        images_per_step = config.pretrain.batch_size
+        evaluations: list[dict] = []
+        started = time.perf_counter()
+        window_start, window_steps = started, 0
+        title = "MLO pretrain" if self.mlo.is_multilevel else "MAE pretrain"
+        with context.progress() as progress:
+            task = progress.add_task(title, total=self.total_steps, completed=self.start_step, status="")
+            for step in range(self.start_step + 1, self.total_steps + 1):
+                self.mlo.step(step)
+                window_steps += 1
+                progress.advance(task)
+                if step % log_every == 0 or step == self.total_steps:
+                    now = time.perf_counter()
+                    rate = window_steps * images_per_step / max(now - window_start, 1e-9)
+                    window_start, window_steps = now, 0
+                    record = self._log_record(step, rate, now - started)
+                    context.run.log(record)
+                    losses = "  ".join(
+                        f"{key.split('/')[1]} {value:.4f}"
+                        for key, value in record.items()
+                        if key.startswith("loss/")
+                    )
+                    progress.update(task, status=f"{losses}  {rate:.0f} img/s")
+                is_eval_step = self.mlo.is_multilevel and (step % eval_every == 0 or step == self.total_steps)
+                pointers = ("last",)
+                if is_eval_step:
+                    metrics = self.evaluate()
+                    accuracy = metrics["accuracy"]
+                    evaluations.append(
+                        {"step": step, "accuracy": accuracy, "weighted_f1": metrics["weighted_f1"]}
+                    )
+                    context.run.log(
+                        {
+                            "stage": "pretrain",
+                            "step": step,
+                            f"{context.splits.eval_name}/accuracy": accuracy,
+                            f"{context.splits.eval_name}/weighted_f1": metrics["weighted_f1"],
+                        }
+                    )
+                    if self.best_accuracy is None or accuracy > self.best_accuracy:
+                        self.best_accuracy = accuracy
+                        pointers = ("last", "best")
+                    progress.console.log(
+                        f"step {step}: {context.splits.eval_name} accuracy {accuracy:.4f} "
+                        f"(best {self.best_accuracy:.4f})"
+                    )
+                if step % checkpoint_every == 0 or step == self.total_steps or len(pointers) > 1:
+                    self.save(step, pointers)
+        self.save(self.total_steps, ("last", "pretrained"))
+        return PretrainResult(
+            steps=self.total_steps,
+            level_steps=self.mlo.step_counts(),
+            evaluation_counts=dict(self.objectives.counts),
+            seconds=time.perf_counter() - started,
+            best_eval_accuracy=self.best_accuracy,
+            evaluations=evaluations,
+        )
+
+    def _log_record(self, step: int, images_per_s: float, elapsed: float) -> dict:
+        record: dict = {"stage": "pretrain", "step": step, "time": round(elapsed, 3)}
+        for name, loss in self.mlo.last_losses().items():
+            if loss is not None:
+                record[f"loss/{name}"] = loss
+        for name, level in self.mlo.levels.items():
+            record[f"lr/{name}"] = level.optimizer.param_groups[0]["lr"]
+        record["images_per_s"] = round(images_per_s, 2)
+        return record

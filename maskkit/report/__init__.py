@@ -1,0 +1,19 @@
+"""Reporting: classification metrics, their rich table, and the figures of a run's report."""
+
+from maskkit.report.metrics import classification_metrics, metrics_table, print_metrics
+from maskkit.report.plots import (
+    plot_bar_comparison,
+    plot_confusion_matrix,
+    plot_mask_grid,
+    plot_training_curves,
+)
+
+__all__ = [
+    "classification_metrics",
+    "metrics_table",
+    "plot_bar_comparison",
+    "plot_confusion_matrix",
+    "plot_mask_grid",
+    "plot_training_curves",
+    "print_metrics",
+]

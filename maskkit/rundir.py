@@ -1,0 +1,125 @@
+"""The run directory: config, metrics log, summary, checkpoints and plots of one run.
+
+Layout::
+
+    RUN_DIR/
+      config.yaml        resolved config
+      metrics.jsonl      one JSON record per logged step or epoch
+      summary.json       final metrics (written at the end)
+      checkpoints/       see maskkit.checkpoint
+      plots/             PNG figures
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from maskkit.errors import ConfigError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _unique_directory(root: Path, stem: str) -> Path:
+    """Create ``root/stem`` (or ``stem-2``, ``stem-3`` …) with an exclusive mkdir."""
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        candidate = root / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise ConfigError(f"could not create a fresh run directory under {root}")
+
+
+class RunDir:
+    """Paths and writers of one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, run_dir: Path | None, policy: str, dataset: str, root: Path = Path("runs")) -> RunDir:
+        """A new run dir: ``run_dir`` if given (it must be empty or absent), else
+        ``root/<time>-<policy>-<dataset>``. Two runs never share a directory."""
+        if run_dir is None:
+            stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{policy}-{dataset}"
+            return cls(_unique_directory(root, stem))
+        run_dir = Path(run_dir)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"run dir {run_dir} already holds files; pick a new --run-dir, "
+                f"or continue it with --resume {run_dir}"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return cls(run_dir)
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """An existing run dir (it must hold ``config.yaml``)."""
+        run = cls(path)
+        if not run.config_path.is_file():
+            raise ConfigError(f"{path} is not a maskkit run directory (no config.yaml in it)")
+        return run
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record to ``metrics.jsonl``."""
+        with self.metrics_path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        records = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+        return records
+
+    def write_json(self, name: str, payload: Any) -> Path:
+        path = self.path / name
+        atomic_write_text(path, json.dumps(payload, indent=2))
+        return path
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())

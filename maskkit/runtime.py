@@ -1,0 +1,51 @@
+"""Device choice, seeding and mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from maskkit.errors import ConfigError
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU. An explicit CUDA device must exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{spec}' was asked for, but CUDA is not available; use --device cpu")
+    return torch.device(spec)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def use_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 autocast on CUDA unless fp32 is asked for; CPU runs in fp32 unless bf16 is asked for."""
+    if precision == "auto":
+        return device.type == "cuda"
+    return precision == "bf16"
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        yield
+
+
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """Lift bf16/fp16 results to fp32 for losses; leave fp32 and fp64 as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor

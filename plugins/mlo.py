@@ -1,0 +1,77 @@
+"""``mlo`` and ``mlo-light``: masks learned by downstream feedback (MLO-MAE, Guo et al., 2024).
+
+Both return a sigmoid mask probability per patch. The patches with the lowest probability are
+kept, and the reconstruction loss of each patch is weighted by its probability, so that the
+pretrain loss depends on the policy and a hypergradient can reach it (equation 1 of the paper).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from maskkit.hookspecs import hookimpl
+from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
+
+
+class LearnedMasking(MaskPolicy):
+    """Shared logic: a scorer gives logits ``[B, L]``; sigmoid gives the mask probability."""
+
+    learnable = True
+
+    def mask_logits(self, tokens: Tensor) -> Tensor:
+        """``[B, L, D]`` patch tokens → ``[B, L]`` logits."""
+        raise NotImplementedError
+
+    def forward(self, batch: MaskBatch) -> MaskDecision:
+        mask_prob = self.mask_logits(batch.tokens).sigmoid()  # [B, L]
+        return decision_from_scores(mask_prob, batch.mask_ratio, weights=mask_prob)
+
+
+class MLOMasking(LearnedMasking):
+    """The reference masking network: an MLP over the *flattened* patch tokens.
+
+    ``[B, L·D] → Linear(L·D, hidden) → ReLU → Linear(hidden, L)``. At ViT-B/2 (L=256, D=768)
+    the first layer alone has ~100 M weights.
+    """
+
+    name = "mlo"
+    description = "MLO-MAE reference masking network: MLP over flattened patch tokens (L·D → 512 → L)."
+
+    def __init__(self, context: PolicyContext, hidden_dim: int = 512) -> None:
+        super().__init__(context)
+        self.scorer = nn.Sequential(
+            nn.Linear(context.num_patches * context.embed_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, context.num_patches),
+        )
+
+    def mask_logits(self, tokens: Tensor) -> Tensor:
+        return self.scorer(tokens.flatten(1))
+
+
+class MLOLightMasking(LearnedMasking):
+    """A per-patch scorer shared across positions: ``[B, L, D] → LayerNorm → MLP(D → h → 1)``.
+
+    The tokens carry position embeddings, so the scorer can still learn where to mask. It has
+    about ``D·h`` parameters instead of the reference's ``L·D·512``.
+    """
+
+    name = "mlo-light"
+    description = "Learned MLO mask with a small per-patch scorer (D → 64 → 1), far fewer parameters."
+
+    def __init__(self, context: PolicyContext, hidden_dim: int = 64) -> None:
+        super().__init__(context)
+        self.scorer = nn.Sequential(
+            nn.LayerNorm(context.embed_dim),
+            nn.Linear(context.embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, 1),
+        )
+
+    def mask_logits(self, tokens: Tensor) -> Tensor:
+        return self.scorer(tokens).squeeze(-1)
+
+
+@hookimpl
+def maskkit_policies() -> list[type[MaskPolicy]]:
+    return [MLOMasking, MLOLightMasking]

@@ -1,0 +1,153 @@
+"""The command line as a user meets it: a whole smoke run, then each user mistake."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import SHARED_DATA, write_medmnist_npz
+from PIL import Image
+from safetensors.torch import load_file
+
+MASKKIT = [sys.executable, "-m", "maskkit.cli"]
+
+
+def maskkit(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "COLUMNS": "120", **(env or {})}
+    return subprocess.run(
+        [*MASKKIT, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=environment, timeout=600
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    message = " ".join(result.stderr.split())  # rich may wrap long lines
+    assert message.startswith("error:"), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_medmnist_npz(folder / "dermamnist.npz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    result = maskkit(
+        "train", "--policy", "mlo", "--dataset", "dermamnist", "--data-dir", data_dir,
+        "--preset", "smoke", "--run-dir", run_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    return run_dir
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_a_complete_run_dir(smoke_run):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert 0.0 <= summary["test_weighted_f1"] <= 1.0
+    per_class = summary["test"]["per_class"]
+    assert len(per_class) == 7 and sum(row["support"] for row in per_class) == summary["test"]["num_samples"]
+    assert summary["pretrain"]["level_steps"] == {"pretrain": 8, "finetune": 4, "mask": 4}
+    config = (smoke_run / "config.yaml").read_text()
+    assert "policy: mlo" in config and "preset: smoke" in config
+    records = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert {record["stage"] for record in records} == {"pretrain", "finetune"}
+    assert any("loss/mask" in record for record in records)
+    pretrained = json.loads((smoke_run / "checkpoints" / "pretrained.json").read_text())["dir"]
+    weights = load_file(smoke_run / "checkpoints" / pretrained / "policy.safetensors")
+    assert weights and all(tensor.numel() > 0 for tensor in weights.values())
+    for png in ("confusion_matrix.png", "training_curves.png"):
+        assert Image.open(smoke_run / "plots" / png).size[0] > 100
+
+
+@pytest.mark.slow
+def test_evaluate_prints_and_saves_the_metrics(smoke_run):
+    result = maskkit("evaluate", smoke_run)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((smoke_run / "evaluation_test.json").read_text())
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert saved["accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert "accuracy" in result.stdout and "weighted_f1" in result.stdout
+
+
+@pytest.mark.slow
+def test_visualize_draws_the_learned_mask_grid(smoke_run, tmp_path):
+    output = tmp_path / "grid.png"
+    result = maskkit("visualize", smoke_run, "--num-images", "3", "--output", output)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(output)
+    assert image.size[0] > image.size[1] / 3  # four columns (with the heatmap) of three rows
+
+
+def test_unknown_policy(data_dir, tmp_path):
+    result = maskkit("train", "--policy", "nosuch", "--data-dir", data_dir, "--run-dir", tmp_path / "run")
+    assert_user_error(result, "nosuch", "random", "mlo")
+    assert not (tmp_path / "run").exists()
+
+
+def test_mask_ratio_out_of_range(data_dir):
+    assert_user_error(maskkit("train", "--mask-ratio", "1.5", "--data-dir", data_dir), "mask_ratio", "1.5")
+
+
+def test_mask_ratio_that_keeps_no_token(data_dir):
+    result = maskkit("train", "--preset", "smoke", "--mask-ratio", "0.99", "--data-dir", data_dir)
+    assert_user_error(result, "keeps no token")
+
+
+def test_missing_data_dir(tmp_path):
+    result = maskkit(
+        "train", "--preset", "smoke", "--data-dir", "/nonexistent", "--run-dir", tmp_path / "run"
+    )
+    assert_user_error(result, "/nonexistent/dermamnist.npz", "--data-dir")
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_npz(tmp_path):
+    complete = write_medmnist_npz(tmp_path / "full" / "dermamnist.npz").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "dermamnist.npz").write_bytes(complete[: len(complete) // 2])
+    result = maskkit("train", "--preset", "smoke", "--data-dir", tmp_path / "cut")
+    assert_user_error(result, "dermamnist.npz")
+
+
+def test_unknown_config_key(data_dir):
+    result = maskkit("train", "--preset", "smoke", "--data-dir", data_dir, "--set", "pretrain.lr=1")
+    assert_user_error(result, "pretrain.lr", "unknown key")
+
+
+def test_image_size_not_divisible_by_patch(data_dir):
+    result = maskkit("train", "--preset", "smoke", "--data-dir", data_dir, "--set", "model.patch_size=5")
+    assert_user_error(result, "not divisible")
+
+
+def test_unknown_preset(data_dir):
+    assert_user_error(maskkit("train", "--preset", "huge", "--data-dir", data_dir), "huge", "smoke", "paper")
+
+
+def test_config_show_prints_the_paper_preset():
+    result = maskkit("config", "show", "--preset", "paper")
+    assert result.returncode == 0, result.stderr
+    assert "embed_dim: 768" in result.stdout and "patch_size: 2" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "dermamnist.npz").exists(), reason="shared DermaMNIST not present")
+def test_smoke_run_on_the_real_dermamnist(tmp_path):
+    result = maskkit(
+        "train", "--policy", "random", "--dataset", "dermamnist", "--data-dir", SHARED_DATA,
+        "--preset", "smoke", "--run-dir", tmp_path / "run",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test"]["class_names"][0].startswith("actinic keratoses")
+    assert summary["test"]["num_samples"] == 256  # the smoke preset's subset of the 2005 test images
