@@ -104,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="batch size of all three levels (default: the preset's)"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's, auto)"
+    )
     parser.add_argument(
         "--precision", default=None, choices=("auto", "fp32", "bf16"), help="default: the preset's (auto)"
     )
@@ -157,7 +159,9 @@ def make_config(args: argparse.Namespace, policy: str, total_steps: int | None =
     """The preset with the command line's model, batch and device choices applied."""
     overrides: list[dict] = [parse_override(item) for item in args.overrides]
     model = {key: getattr(args, key) for key in MODEL_OPTIONS if getattr(args, key) is not None}
-    extra: dict[str, Any] = {"policy": policy, "device": args.device, "model": model}
+    extra: dict[str, Any] = {"policy": policy, "model": model}
+    if args.device is not None:
+        extra["device"] = args.device
     if args.precision is not None:
         extra["precision"] = args.precision
     pretrain: dict[str, Any] = {}
@@ -291,6 +295,24 @@ def load_average() -> float | None:
     return None
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from ``/proc/stat`` (Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return fields[3] + fields[4], sum(fields)
+    return None
+
+
+def busy_fraction(seconds: float = 0.5) -> float | None:
+    """The share of the machine's CPU time that was not idle over the next ``seconds``."""
+    before = _cpu_times()
+    time.sleep(seconds)
+    after = _cpu_times()
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return 1.0 - (after[0] - before[0]) / (after[1] - before[1])
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -324,31 +346,33 @@ def hardware(device: torch.device, precision: str) -> dict[str, Any]:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> dict[str, Any] | None:
-    """The dense matmul rate of ``device`` in ``dtype``: a square matmul (8192 on CUDA, 2048 on
-    CPU) repeated for about ``seconds``, as FLOP/s."""
+    """The dense matmul rate of ``device`` in ``dtype``, as FLOP/s: a square matmul (8192 on
+    CUDA, 2048 on CPU) timed in chunks (10 matmuls on CUDA, 1 on CPU) for about ``seconds``; the
+    best chunk counts, so that a moment of contention does not lower the reference."""
     if seconds <= 0:
         return None
     size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    batch = 10 if device.type == "cuda" else 1
-    for _ in range(3 * batch):
+    chunk = 10 if device.type == "cuda" else 1
+    for _ in range(3 * chunk):
         torch.mm(a, b)
     synchronize(device)
-    runs, started = 0, time.perf_counter()
-    while True:
-        for _ in range(batch):
+    rates: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(rates) < 3 or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        for _ in range(chunk):
             torch.mm(a, b)
-        runs += batch
         synchronize(device)
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds and runs >= 3:
-            break
+        rates.append(2 * size**3 * chunk / (time.perf_counter() - started))
     del a, b
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
-        "flops_per_s": 2 * size**3 * runs / elapsed,
+        "flops_per_s": max(rates),
+        "median_flops_per_s": statistics.median(rates),
+        "chunks": len(rates),
         "size": size,
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -443,9 +467,10 @@ def benchmark_policy(args: argparse.Namespace, policy: str) -> dict[str, Any]:
     result["memory_available_bytes"] = available
     if available is not None and lower_bound > available:
         result["status"] = "skipped"
+        what = "weights, gradients, AdamW state" + (" and hypergradient copies" if learnable else "")
         result["error"] = (
-            f"does not fit: weights, gradients, AdamW state and hypergradient copies alone need "
-            f"≥ {format_bytes(lower_bound)}, {format_bytes(available)} available on {device}"
+            f"does not fit: {what} alone need ≥ {format_bytes(lower_bound)}, "
+            f"{format_bytes(available)} available on {device}"
         )
         return result
 
@@ -518,6 +543,12 @@ def benchmark_policy(args: argparse.Namespace, policy: str) -> dict[str, Any]:
         {
             "iteration_seconds": seconds,
             "step_seconds": [item["step_seconds"] for item in timed],
+            # Median time of the i-th step of an iteration: with 2/1/1 the last one also runs the
+            # finetune and mask steps and the hypergradient.
+            "step_position_median_s": [
+                statistics.median(item["step_seconds"][position] for item in timed)
+                for position in range(per_iteration)
+            ],
             "median_iteration_s": median,
             "min_iteration_s": min(seconds),
             "max_iteration_s": max(seconds),
@@ -631,7 +662,8 @@ def describe_setup(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[
     peak = meta.get("matmul_peak")
     peak_text = (
         f"; dense matmul rate {format_si(peak['flops_per_s'], 'FLOP/s')} "
-        f"({peak['size']}×{peak['size']} {peak['dtype']} matmul, the reference for the % column)"
+        f"({peak['size']}×{peak['size']} {peak['dtype']} matmuls, best of {peak['chunks']} timings; "
+        "the reference for the % column)"
         if peak
         else ""
     )
@@ -660,7 +692,8 @@ def describe_setup(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[
         f"hypergradient `{run['hypergradient']}`",
         f"One MLO iteration = {run['steps_per_iteration']} pretrain steps, plus one finetune and one "
         "mask step with the mask level's hypergradient for a learnable policy; times are medians "
-        f"(min–max) of {run['iterations']} iterations after {run['warmup']} warm-up; synthetic data "
+        f"(min–max) of {run['iterations']} iteration{'s' if run['iterations'] != 1 else ''} after "
+        f"{run['warmup']} warm-up; synthetic data "
         f"({NUM_CLASSES} classes)",
         f"Peak memory: {memory}",
     ]
@@ -670,12 +703,9 @@ def describe_setup(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[
             for row in results
             if row.get("cpu_utilisation") is not None
         ]
-        load = meta.get("load_average_before")
         lines.append(
             "CPU use during the timed iterations (process CPU time / (wall time × threads); well "
-            "below 100 % means another process competed for the cores): "
-            + (", ".join(busy) or "–")
-            + (f"; 1-min load average before the run {load:.2f}" if load is not None else "")
+            "below 100 % means another process competed for the cores): " + (", ".join(busy) or "–")
         )
     return lines
 
@@ -694,9 +724,7 @@ def time_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     rows = []
     for row in results:
         if row.get("status") != "ok":
-            rows.append(
-                [row["policy"], f"{row['status']}: {row.get('error', '')}"] + [""] * (len(headers) - 2)
-            )
+            rows.append([row["policy"], f"{row['status']} (see below)"] + [""] * (len(headers) - 2))
             continue
         ratio = row.get("ratio_vs_random")
         fraction = row.get("fraction_of_matmul_peak")
@@ -823,13 +851,16 @@ def main(argv: list[str] | None = None) -> int:
             "num_images": args.num_images,
         },
     }
-    meta["load_average_before"] = load = load_average()
-    if device.type == "cpu" and load is not None and load > 0.5:
+    meta["load_average_before"] = load_average()
+    meta["cpu_busy_before"] = busy = busy_fraction()
+    if device.type == "cpu" and busy is not None and busy > 0.2:
         stderr.print(
-            f"[yellow]warning:[/] the 1-min load average is {load:.2f}: other processes use the CPU, "
-            "so the times will come out inflated"
+            f"[yellow]warning:[/] {100 * busy:.0f} % of the CPU is busy before the benchmark starts: "
+            "other processes compete for the cores, so the times will come out inflated"
         )
-    stderr.print(f"measuring the dense {str(compute_dtype).removeprefix('torch.')} matmul rate on {device}")
+    if args.peak_seconds > 0:
+        dtype_name = str(compute_dtype).removeprefix("torch.")
+        stderr.print(f"measuring the dense {dtype_name} matmul rate on {device}")
     meta["matmul_peak"] = matmul_peak(device, compute_dtype, args.peak_seconds)
 
     results = []

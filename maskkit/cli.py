@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from maskkit.config import DEFAULT_PRESET, PRESETS, build_config, config_to_yaml, parse_override
-from maskkit.errors import MaskkitError
+from maskkit.errors import ConfigError, MaskkitError
 
 app = typer.Typer(
     name="maskkit",
@@ -109,13 +108,22 @@ def train(
     assignments: Annotated[
         list[str] | None, typer.Option("--set", help="Override any config key: --set pretrain.mask.lr=1e-4")
     ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")
+    ] = None,
 ) -> None:
     """Pretrain (MLO when the policy is learnable), fine-tune and evaluate."""
-    from maskkit.engine.run import train as run_training
+    from maskkit.engine import run as runs
 
     overrides = _overrides(policy, dataset, data_dir, mask_ratio, seed, device, download, assignments or [])
-    config = build_config(preset, config_file, overrides)
-    run_training(config, run_dir, console)
+    if resume is not None:
+        if config_file is not None or preset != DEFAULT_PRESET or run_dir is not None:
+            raise ConfigError(
+                "--resume continues a run with its saved config: drop --config, --preset and --run-dir"
+            )
+        runs.resume(resume, overrides, console)
+        return
+    runs.train(build_config(preset, config_file, overrides), run_dir, console)
 
 
 @app.command()
@@ -158,23 +166,15 @@ def config_show(
 
 
 def main() -> None:
-    """Entry point: user errors end in one line on stderr and exit code 2."""
+    """Entry point: user errors end in one line on stderr and exit code 2.
+
+    Typer itself answers usage errors (exit 2) and Ctrl-C (exit 130).
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except MaskkitError as error:
         error_console.print("[bold red]error:[/]", escape(str(error)), highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except click.exceptions.Abort:
-        error_console.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        error_console.print("interrupted; the last checkpoint in the run dir is kept")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

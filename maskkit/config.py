@@ -160,13 +160,15 @@ class RunConfig(StrictModel):
         return self
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, *overrides: dict) -> dict:
+    """``base`` with each override merged in turn (nested mappings merge key by key)."""
     merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
+    for override in overrides:
+        for key, value in override.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = deep_merge(merged[key], value)
+            else:
+                merged[key] = value
     return merged
 
 
@@ -233,9 +235,8 @@ def build_config(
     """Merge preset ← file ← overrides and validate."""
     raw = preset_dict(preset)
     if config_file is not None:
-        raw = _deep_merge(raw, read_yaml(config_file))
-    for override in overrides or []:
-        raw = _deep_merge(raw, override)
+        raw = deep_merge(raw, read_yaml(config_file))
+    raw = deep_merge(raw, *(overrides or []))
     raw["preset"] = raw.get("preset", preset)
     return validate_config(raw)
 

@@ -116,6 +116,22 @@ class RunDir:
                 continue  # a line cut by a crash mid-write
         return records
 
+    def truncate_metrics(self, position: tuple[str, int] | None) -> None:
+        """Drop the records logged after ``(stage, step)`` (all of them for None): a resumed run
+        logs those steps again. Rewritten atomically."""
+        order = {"pretrain": 0, "finetune": 1}
+        if position is None:
+            kept = []
+        else:
+            stage, step = position
+            kept = [
+                record
+                for record in self.read_metrics()
+                if (order.get(record.get("stage"), 2), record.get("step", 0)) <= (order[stage], step)
+            ]
+        if kept or self.metrics_path.exists():
+            atomic_write_text(self.metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
+
     def write_json(self, name: str, payload: Any) -> Path:
         path = self.path / name
         atomic_write_text(path, json.dumps(payload, indent=2))

@@ -151,3 +151,9 @@ def test_smoke_run_on_the_real_dermamnist(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test"]["class_names"][0].startswith("actinic keratoses")
     assert summary["test"]["num_samples"] == 256  # the smoke preset's subset of the 2005 test images
+
+
+def test_an_unknown_option_is_a_usage_error():
+    result = maskkit("train", "--bogus")
+    assert result.returncode == 2
+    assert "No such option" in result.stderr and "Traceback" not in result.stderr

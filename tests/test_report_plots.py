@@ -68,9 +68,7 @@ def test_confusion_matrix_png(tmp_path: Path) -> None:
 def test_confusion_matrix_scales_with_classes(tmp_path: Path) -> None:
     small = plot_confusion_matrix(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "s.png")
     names = [f"class_{i}" for i in range(100)]
-    big = plot_confusion_matrix(
-        np.eye(100, dtype=int) * 5, names, tmp_path / "b.png", normalize=False
-    )
+    big = plot_confusion_matrix(np.eye(100, dtype=int) * 5, names, tmp_path / "b.png", normalize=False)
     with Image.open(small) as s, Image.open(big) as b:
         assert b.size[0] > 2 * s.size[0]
         assert b.size[1] > 2 * s.size[1]
@@ -166,9 +164,7 @@ def test_mask_grid_with_heatmaps(tmp_path: Path) -> None:
     masked[:, :16, :16] = 0.5
     recon = originals + 0.2  # out of range on purpose: must be clipped, not crash
     heat = np.random.default_rng(1).random((n, 8, 8))
-    out = plot_mask_grid(
-        originals, masked, recon, tmp_path / "grid.png", heatmaps=heat, row_labels=DERMA[:n]
-    )
+    out = plot_mask_grid(originals, masked, recon, tmp_path / "grid.png", heatmaps=heat, row_labels=DERMA[:n])
     img = _open_png(out)
     width, height = img.size
     # 4 columns + colourbar, n rows of ~1.6 in cells at 150 dpi
@@ -219,9 +215,7 @@ def test_mask_grid_mismatched_shapes(tmp_path: Path) -> None:
         chw = originals.transpose(0, 3, 1, 2)
         plot_mask_grid(chw, chw, chw, tmp_path / "x.png")
     with pytest.raises(ValueError, match="heatmaps must be"):
-        plot_mask_grid(
-            originals, originals, originals, tmp_path / "x.png", heatmaps=np.zeros((3, 8, 8))
-        )
+        plot_mask_grid(originals, originals, originals, tmp_path / "x.png", heatmaps=np.zeros((3, 8, 8)))
     with pytest.raises(ValueError, match="row_labels"):
         plot_mask_grid(originals, originals, originals, tmp_path / "x.png", row_labels=["a"])
     with pytest.raises(ValueError, match="titles"):

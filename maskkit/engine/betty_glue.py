@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -127,15 +128,21 @@ class _Level(ImplicitProblem):
         return self.spec.loss(batch)
 
     def get_loss(self, batch: tuple) -> tuple[Tensor, dict]:
-        loss, loss_dict = super().get_loss(batch)
+        try:
+            loss, loss_dict = super().get_loss(batch)
+        except TrainingDivergedError as error:
+            self._diverged(str(error))
         self.last_loss = loss_dict["loss"]
-        if not torch.isfinite(torch.tensor(self.last_loss)):
-            raise TrainingDivergedError(
-                f"the {self.name} level's loss became {self.last_loss} at its step {self._count}. "
-                "The last good checkpoint is kept; lower this level's lr "
-                f"(--set pretrain.{self.name}.lr=...) or run in fp32 (--set precision=fp32)."
-            )
+        if not math.isfinite(self.last_loss):
+            self._diverged(f"its loss became {self.last_loss}")
         return loss, loss_dict
+
+    def _diverged(self, what: str) -> None:
+        raise TrainingDivergedError(
+            f"the {self.name} level diverged at its step {self._count}: {what}. The last good "
+            f"checkpoint is kept. Start a new run with a lower lr (--set pretrain.{self.name}.lr=...), "
+            "or resume this one in fp32 (--resume RUN_DIR --set precision=fp32)."
+        )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -424,12 +431,14 @@ class MultiLevelOptimizer:
         return {name: level.last_loss for name, level in self.levels.items()}
 
     def state_dict(self) -> dict:
-        """Counters and schedule flags of every level (modules and optimisers are saved apart)."""
+        """Counters, schedule flags and last losses of every level (modules and optimisers are
+        saved apart)."""
         return {
             name: {
                 "count": level._count,
                 "ready": list(level.ready),
                 "inner_loop_start": level._inner_loop_start,
+                "last_loss": level.last_loss,
             }
             for name, level in self.levels.items()
         }
@@ -439,3 +448,4 @@ class MultiLevelOptimizer:
             level._count = state[name]["count"]
             level.ready = list(state[name]["ready"])
             level._inner_loop_start = state[name]["inner_loop_start"]
+            level.last_loss = state[name]["last_loss"]

@@ -19,7 +19,8 @@ from rich.progress import (
 )
 
 from maskkit.config import RunConfig
-from maskkit.data import LabelledDataset, MLOSplits
+from maskkit.data import ImageSplit, LabelledDataset, MLOSplits
+from maskkit.engine.evaluate import evaluate_classifier
 from maskkit.rundir import RunDir
 from maskkit.runtime import autocast, use_bf16
 
@@ -46,6 +47,19 @@ class RunContext:
     @property
     def std(self) -> tuple[float, ...]:
         return self.dataset.std
+
+    def evaluate(self, model: torch.nn.Module, split: ImageSplit) -> dict:
+        """Classification metrics of ``model`` (images → logits) on ``split``."""
+        return evaluate_classifier(
+            model,
+            split,
+            self.dataset.class_names,
+            self.config.data.eval_batch_size,
+            self.device,
+            self.mean,
+            self.std,
+            self.autocast,
+        )
 
     def progress(self) -> Progress:
         """A rich progress bar with a free-text status field (loss, throughput)."""

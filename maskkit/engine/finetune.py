@@ -1,18 +1,21 @@
-"""Stage 2: end-to-end fine-tuning of encoder + head (the seed's recipe), then evaluation."""
+"""Stage 2: end-to-end fine-tuning of encoder + head (the seed's recipe).
+
+The stage checkpoints at the end of every epoch (weights, optimiser, schedule, data order, RNG),
+so an interrupted run resumes where it stopped.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from maskkit.checkpoint import save_checkpoint
+from maskkit.checkpoint import Checkpoint, save_checkpoint
 from maskkit.data import DeviceBatches
 from maskkit.engine.context import RunContext
-from maskkit.engine.evaluate import evaluate_classifier
 from maskkit.engine.optim import adamw, cosine_schedule
 from maskkit.errors import TrainingDivergedError
 from maskkit.models import ViTClassifier
@@ -34,93 +37,148 @@ def finetune_steps(context: RunContext) -> tuple[int, int]:
     return per_epoch, math.ceil(config.epochs * per_epoch)
 
 
-def run_finetuning(context: RunContext, model: ViTClassifier, step_offset: int = 0) -> FinetuneResult:
-    """Train ``model`` end to end on all training images; evaluate on the eval split each epoch."""
-    config = context.config.finetune
-    per_epoch, total = finetune_steps(context)
-    model.train()
-    trainable = torch.nn.ModuleDict({"encoder": _EncoderView(model), "head": model.head})
-    optimizer = adamw(trainable, config.lr, config.weight_decay, config.betas)
-    scheduler = cosine_schedule(optimizer, total, warmup_steps=round(config.warmup_epochs * per_epoch))
-    batches = DeviceBatches(
-        context.splits.pretrain,
-        config.batch_size,
-        context.device,
-        context.mean,
-        context.std,
-        augment=config.augment,
-        seed=context.config.seed * 1000 + 4,
-    )
-    history: list[dict] = []
-    started = time.perf_counter()
-    running_loss, running_correct, running_count = 0.0, 0, 0
-    with context.progress() as progress:
-        task = progress.add_task("fine-tune", total=total, status="")
-        for step in range(1, total + 1):
-            images, labels = batches.next()
-            with context.autocast():
-                logits = model(images)
-            loss = F.cross_entropy(full_precision(logits), labels, label_smoothing=config.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"the fine-tuning loss became {loss.item()} at step {step}. The pretrained "
-                    "checkpoint is kept; lower finetune.lr or run in fp32 (--set precision=fp32)."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running_loss += loss.item() * len(labels)
-            running_correct += int((logits.argmax(1) == labels).sum())
-            running_count += len(labels)
-            progress.advance(task)
-            if step % per_epoch == 0 or step == total:
-                epoch = step / per_epoch
-                metrics = evaluate_classifier(
-                    model,
-                    context.splits.eval,
-                    context.dataset.class_names,
-                    context.config.data.eval_batch_size,
-                    context.device,
-                    context.mean,
-                    context.std,
-                    context.autocast,
-                )
-                record = {
-                    "stage": "finetune",
-                    "step": step,
-                    "epoch": round(epoch, 3),
-                    "train/loss": running_loss / running_count,
-                    "train/accuracy": running_correct / running_count,
-                    f"{context.splits.eval_name}/accuracy": metrics["accuracy"],
-                    f"{context.splits.eval_name}/weighted_f1": metrics["weighted_f1"],
-                    "lr/finetune": optimizer.param_groups[0]["lr"],
-                    "time": round(time.perf_counter() - started, 3),
-                }
-                context.run.log(record)
-                history.append(record)
-                progress.update(
-                    task,
-                    status=f"epoch {epoch:.1f}  loss {record['train/loss']:.4f}  "
-                    f"{context.splits.eval_name} acc {metrics['accuracy']:.4f}",
-                )
-                running_loss, running_correct, running_count = 0.0, 0, 0
-    model.eval()
-    save_checkpoint(
-        context.run.checkpoints,
-        step_offset + total,
-        {"mae": model.mae, "head": model.head},
-        {"stage": "finetune", "step": total},
-        pointers=("final",),
-    )
-    return FinetuneResult(config.epochs, total, time.perf_counter() - started, history)
+@dataclass
+class _Running:
+    """Training loss and accuracy accumulated since the last epoch boundary."""
+
+    loss: float = 0.0
+    correct: int = 0
+    count: int = 0
 
 
-class _EncoderView(torch.nn.Module):
-    """The encoder's parameters under one module, so the decoder gets no optimiser state."""
+@dataclass
+class Finetuner:
+    """Trains ``model`` end to end on all training images, evaluating on the eval split each epoch.
 
-    def __init__(self, model: ViTClassifier) -> None:
-        super().__init__()
-        mae = model.mae
-        self.patch_embed, self.blocks, self.norm = mae.patch_embed, mae.blocks, mae.norm
-        self.cls_token, self.pos_embed = mae.cls_token, mae.pos_embed
+    ``step_offset`` numbers its checkpoints after stage 1's, and ``carry`` is stored in every
+    checkpoint so that a resumed run can still write stage 1's part of the summary.
+    """
+
+    context: RunContext
+    model: ViTClassifier
+    step_offset: int = 0
+    carry: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        config, context = self.context.config.finetune, self.context
+        self.per_epoch, self.total = finetune_steps(context)
+        # The decoder takes no part in classification, and gets no optimiser state.
+        trainable = torch.nn.ModuleDict({"encoder": self.model.mae.encoder(), "head": self.model.head})
+        self.optimizer = adamw(trainable, config.lr, config.weight_decay, config.betas)
+        warmup = round(config.warmup_epochs * self.per_epoch)
+        self.scheduler = cosine_schedule(self.optimizer, self.total, warmup_steps=warmup)
+        self.batches = DeviceBatches(
+            context.splits.pretrain,
+            config.batch_size,
+            context.device,
+            context.mean,
+            context.std,
+            augment=config.augment,
+            seed=context.config.seed * 1000 + 4,
+        )
+        self.history: list[dict] = []
+        self.running = _Running()
+        self.start_step = 0
+        self.seconds_before = 0.0
+
+    def training_state(self, step: int, seconds: float) -> dict:
+        return {
+            "stage": "finetune",
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": list(self.history),
+            "running": vars(self.running).copy(),
+            "seconds": seconds,
+            "carry": self.carry,
+        }
+
+    def resume_from(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.state
+        checkpoint.load_into({"mae": self.model.mae, "head": self.model.head})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        self.running = _Running(**state["running"])
+        self.seconds_before = state["seconds"]
+        self.start_step = state["step"]
+
+    def _train_step(self, step: int) -> None:
+        config = self.context.config.finetune
+        images, labels = self.batches.next()
+        with self.context.autocast():
+            logits = self.model(images)
+        loss = F.cross_entropy(full_precision(logits), labels, label_smoothing=config.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"the fine-tuning loss became {loss.item()} at its step {step}. The last good "
+                "checkpoint is kept. Start a new run with a lower lr (--set finetune.lr=...), or "
+                "resume this one in fp32 (--resume RUN_DIR --set precision=fp32)."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.running.loss += loss.item() * len(labels)
+        self.running.correct += int((logits.argmax(1) == labels).sum())
+        self.running.count += len(labels)
+
+    def _end_of_epoch(self, step: int, seconds: float) -> dict:
+        context = self.context
+        metrics = context.evaluate(self.model, context.splits.eval)
+        eval_name = context.splits.eval_name
+        record = {
+            "stage": "finetune",
+            "step": step,
+            "epoch": round(step / self.per_epoch, 3),
+            "train/loss": self.running.loss / max(1, self.running.count),
+            "train/accuracy": self.running.correct / max(1, self.running.count),
+            f"{eval_name}/accuracy": metrics["accuracy"],
+            f"{eval_name}/weighted_f1": metrics["weighted_f1"],
+            "lr/finetune": self.optimizer.param_groups[0]["lr"],
+            "time": round(seconds, 3),
+        }
+        context.run.log(record)
+        self.history.append(record)
+        self.running = _Running()
+        pointers = ("last", "final") if step == self.total else ("last",)
+        save_checkpoint(
+            context.run.checkpoints,
+            self.step_offset + step,
+            {"mae": self.model.mae, "head": self.model.head},
+            self.training_state(step, seconds),
+            pointers=pointers,
+        )
+        return record
+
+    def run(self) -> FinetuneResult:
+        started = time.perf_counter()
+        eval_name = self.context.splits.eval_name
+        self.model.train()
+        with self.context.progress() as progress:
+            task = progress.add_task("fine-tune", total=self.total, completed=self.start_step, status="")
+            for step in range(self.start_step + 1, self.total + 1):
+                self._train_step(step)
+                progress.advance(task)
+                if step % self.per_epoch == 0 or step == self.total:
+                    record = self._end_of_epoch(step, self.seconds_before + time.perf_counter() - started)
+                    progress.update(
+                        task,
+                        status=f"epoch {record['epoch']:.1f}  loss {record['train/loss']:.4f}  "
+                        f"{eval_name} acc {record[f'{eval_name}/accuracy']:.4f}",
+                    )
+        self.model.eval()
+        seconds = self.seconds_before + time.perf_counter() - started
+        if self.total == 0:  # finetune.epochs = 0: evaluate the pretrained encoder and head as they are
+            save_checkpoint(
+                self.context.run.checkpoints,
+                self.step_offset,
+                {"mae": self.model.mae, "head": self.model.head},
+                self.training_state(0, seconds),
+                pointers=("last", "final"),
+            )
+        return FinetuneResult(self.context.config.finetune.epochs, self.total, seconds, self.history)

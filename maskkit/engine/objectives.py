@@ -9,15 +9,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
+from maskkit.errors import TrainingDivergedError
 from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, validate_decision
@@ -36,6 +38,10 @@ def masked_reconstruction(
     ``pred`` is ``[B, L, p·p·C]``.
     """
     tokens = mae.embed(images)  # [B, L, D]
+    if not bool(torch.isfinite(tokens).all()):
+        # Checked before the policy sees them: non-finite tokens would otherwise surface as a
+        # "malformed decision" of a policy that did nothing wrong.
+        raise TrainingDivergedError("the patch embeddings became non-finite")
     batch = MaskBatch(images=images, tokens=tokens, mask_ratio=mask_ratio)
     decision = policy(batch)
     validate_decision(decision, batch, policy.name)
@@ -63,9 +69,14 @@ class MLOObjectives:
     autocast: Callable
     counts: Counter = field(default_factory=Counter)
 
+    def _precision(self, purpose: str) -> contextlib.AbstractContextManager:
+        """bf16 autocast for the levels' own steps; fp32 for the finite-difference evaluations of
+        the hypergradient, whose ±εv weight perturbations bf16 would round away."""
+        return contextlib.nullcontext() if purpose == "hypergradient" else self.autocast()
+
     def pretrain_loss(self, batch: Batch, purpose: str = "step") -> Tensor:
         self.counts[f"pretrain/{purpose}"] += 1
-        with self.autocast():
+        with self._precision(purpose):
             loss, _, _ = masked_reconstruction(self.mae, self.policy, batch[0], self.mask_ratio)
         return loss
 
@@ -78,7 +89,7 @@ class MLOObjectives:
         """Cross-entropy of the head on ``features [B, D]``; ``head_params`` evaluates the
         head at other parameter values (for finite differences) without touching its weights."""
         assert self.head is not None
-        with self.autocast():
+        with self._precision("step" if head_params is None else "hypergradient"):
             if head_params is None:
                 logits = self.head(features)
             else:
@@ -113,7 +124,3 @@ class MLOObjectives:
             if penalty is not None:
                 loss = loss + full_precision(penalty)
         return loss
-
-
-def named_parameters_dict(module: nn.Module) -> dict[str, Tensor]:
-    return dict(module.named_parameters())

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from maskkit.checkpoint import save_checkpoint
+from maskkit.checkpoint import Checkpoint, save_checkpoint
 from maskkit.data import DeviceBatches
 from maskkit.engine.betty_glue import LevelSpec, MultiLevelOptimizer
 from maskkit.engine.context import RunContext
-from maskkit.engine.evaluate import evaluate_classifier
 from maskkit.engine.objectives import MLOObjectives
 from maskkit.engine.optim import adamw_from_config, cosine_schedule
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
@@ -78,7 +77,10 @@ class Pretrainer:
             specs["mask"] = self._mask_spec()
         self.mlo = MultiLevelOptimizer(specs, device, self.total_steps)
         self.best_accuracy: float | None = None
+        self.evaluations: list[dict] = []
         self.start_step = 0
+        self.seconds_before = 0.0
+        self._started = time.perf_counter()
 
     def _batches(self, split, batch_size: int, stream: int) -> DeviceBatches:
         config = self.context.config
@@ -180,6 +182,8 @@ class Pretrainer:
             },
             "best_accuracy": self.best_accuracy,
             "evaluation_counts": dict(self.objectives.counts),
+            "evaluations": list(self.evaluations),
+            "seconds": self.seconds_before + time.perf_counter() - self._started,
         }
 
     def load_training_state(self, state: dict) -> None:
@@ -193,8 +197,16 @@ class Pretrainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.best_accuracy = state["best_accuracy"]
+        self.objectives.counts.clear()
         self.objectives.counts.update(state["evaluation_counts"])
+        self.evaluations = list(state["evaluations"])
+        self.seconds_before = state["seconds"]
         self.start_step = state["step"]
+
+    def resume_from(self, checkpoint: Checkpoint) -> None:
+        """Continue from a stage-1 checkpoint: weights, optimisers, schedules, data order, RNG."""
+        checkpoint.load_into(self.modules())
+        self.load_training_state(checkpoint.state)
 
     def save(self, step: int, pointers: tuple[str, ...]) -> None:
         save_checkpoint(
@@ -205,16 +217,7 @@ class Pretrainer:
     def evaluate(self) -> dict:
         assert self.head is not None
         context = self.context
-        return evaluate_classifier(
-            ViTClassifier(self.mae, self.head),
-            context.splits.eval,
-            context.dataset.class_names,
-            context.config.data.eval_batch_size,
-            context.device,
-            context.mean,
-            context.std,
-            context.autocast,
-        )
+        return context.evaluate(ViTClassifier(self.mae, self.head), context.splits.eval)
 
     def run(self) -> PretrainResult:
         context, config = self.context, self.context.config.pretrain
@@ -222,8 +225,7 @@ class Pretrainer:
         checkpoint_every = config.checkpoint_every or eval_every
         log_every = max(1, min(50, self.total_steps // 100))
         images_per_step = config.pretrain.batch_size
-        evaluations: list[dict] = []
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
         window_start, window_steps = started, 0
         title = "MLO pretrain" if self.mlo.is_multilevel else "MAE pretrain"
         with context.progress() as progress:
@@ -244,29 +246,9 @@ class Pretrainer:
                         if key.startswith("loss/")
                     )
                     progress.update(task, status=f"{losses}  {rate:.0f} img/s")
-                is_eval_step = self.mlo.is_multilevel and (step % eval_every == 0 or step == self.total_steps)
                 pointers = ("last",)
-                if is_eval_step:
-                    metrics = self.evaluate()
-                    accuracy = metrics["accuracy"]
-                    evaluations.append(
-                        {"step": step, "accuracy": accuracy, "weighted_f1": metrics["weighted_f1"]}
-                    )
-                    context.run.log(
-                        {
-                            "stage": "pretrain",
-                            "step": step,
-                            f"{context.splits.eval_name}/accuracy": accuracy,
-                            f"{context.splits.eval_name}/weighted_f1": metrics["weighted_f1"],
-                        }
-                    )
-                    if self.best_accuracy is None or accuracy > self.best_accuracy:
-                        self.best_accuracy = accuracy
-                        pointers = ("last", "best")
-                    progress.console.log(
-                        f"step {step}: {context.splits.eval_name} accuracy {accuracy:.4f} "
-                        f"(best {self.best_accuracy:.4f})"
-                    )
+                if self.mlo.is_multilevel and (step % eval_every == 0 or step == self.total_steps):
+                    pointers = self._evaluate_and_log(step, progress)
                 if step % checkpoint_every == 0 or step == self.total_steps or len(pointers) > 1:
                     self.save(step, pointers)
         self.save(self.total_steps, ("last", "pretrained"))
@@ -274,10 +256,32 @@ class Pretrainer:
             steps=self.total_steps,
             level_steps=self.mlo.step_counts(),
             evaluation_counts=dict(self.objectives.counts),
-            seconds=time.perf_counter() - started,
+            seconds=self.seconds_before + time.perf_counter() - started,
             best_eval_accuracy=self.best_accuracy,
-            evaluations=evaluations,
+            evaluations=list(self.evaluations),
         )
+
+    def _evaluate_and_log(self, step: int, progress) -> tuple[str, ...]:
+        """Accuracy of E + the level-2 head on the eval split; returns the checkpoint pointers to set."""
+        eval_name = self.context.splits.eval_name
+        metrics = self.evaluate()
+        accuracy = metrics["accuracy"]
+        self.evaluations.append({"step": step, "accuracy": accuracy, "weighted_f1": metrics["weighted_f1"]})
+        self.context.run.log(
+            {
+                "stage": "pretrain",
+                "step": step,
+                f"{eval_name}/accuracy": accuracy,
+                f"{eval_name}/weighted_f1": metrics["weighted_f1"],
+            }
+        )
+        improved = self.best_accuracy is None or accuracy > self.best_accuracy
+        if improved:
+            self.best_accuracy = accuracy
+        progress.console.log(
+            f"step {step}: {eval_name} accuracy {accuracy:.4f} (best {self.best_accuracy:.4f})"
+        )
+        return ("last", "best") if improved else ("last",)
 
     def _log_record(self, step: int, images_per_s: float, elapsed: float) -> dict:
         record: dict = {"stage": "pretrain", "step": step, "time": round(elapsed, 3)}

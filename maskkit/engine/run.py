@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from maskkit.config import RunConfig, config_to_yaml
+from maskkit.checkpoint import Checkpoint, checkpoint_path, load_checkpoint
+from maskkit.config import RunConfig, config_to_yaml, deep_merge, load_run_config, validate_config
 from maskkit.data import (
     ImageSplit,
     LabelledDataset,
@@ -20,14 +20,14 @@ from maskkit.data import (
     make_splits,
 )
 from maskkit.engine.context import RunContext
-from maskkit.engine.evaluate import evaluate_classifier
-from maskkit.engine.finetune import run_finetuning
-from maskkit.engine.pretrain import Pretrainer
+from maskkit.engine.finetune import Finetuner, FinetuneResult
+from maskkit.engine.pretrain import Pretrainer, PretrainResult
+from maskkit.errors import ConfigError, TrainingDivergedError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.plugins import create_policy, policy_info
 from maskkit.policy import MaskPolicy, PolicyContext
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
-from maskkit.rundir import RunDir
+from maskkit.rundir import RunDir, atomic_write_text
 from maskkit.runtime import seed_everything, select_device
 
 
@@ -81,34 +81,136 @@ def limit_dataset(dataset: LabelledDataset, count: int) -> LabelledDataset:
 def train(
     config: RunConfig, run_dir: Path | None, console: Console, runs_root: Path = Path("runs")
 ) -> RunDir:
-    """Run stage 1 (pretrain), stage 2 (fine-tune) and the test evaluation."""
-    started = time.perf_counter()
+    """A new run: stage 1 (pretrain), stage 2 (fine-tune) and the test evaluation."""
     device, dataset, splits = prepare(config, console)
-    mae, policy, head = build_models(config, dataset.num_classes, device)
+    models = build_models(config, dataset.num_classes, device)
     run = RunDir.create(run_dir, config.policy, config.data.dataset, root=runs_root)
     run.config_path.write_text(config_to_yaml(config))
     context = RunContext(config, device, dataset, splits, run, console)
+    _execute(context, *models, resume=None)
+    return run
+
+
+def resume(run_dir: Path, overrides: list[dict], console: Console) -> RunDir:
+    """Continue an interrupted run from its last checkpoint, with its saved config.
+
+    ``overrides`` may change only ``precision`` and ``device``; anything else would make the
+    resumed run a different experiment, and is refused.
+    """
+    run = RunDir.open(run_dir)
+    saved = load_run_config(run.config_path)
+    config = _resumed_config(saved, overrides, run)
+    if run.summary_path.exists():
+        console.print(f"{run.path} is already finished (summary.json exists); nothing to resume")
+        return run
+    device, dataset, splits = prepare(config, console)
+    models = build_models(config, dataset.num_classes, device)
+    if config != saved:  # an allowed change, e.g. --set precision=fp32
+        atomic_write_text(run.config_path, config_to_yaml(config))
+    checkpoint = None
+    if checkpoint_path(run.checkpoints, "last") is not None:
+        checkpoint = load_checkpoint(run.checkpoints, "last", map_location=str(device))
+    context = RunContext(config, device, dataset, splits, run, console)
+    _execute(context, *models, resume=checkpoint)
+    return run
+
+
+# What a resumed run may change: how it computes, not what it computes.
+ADJUSTABLE_ON_RESUME = ("precision", "device")
+
+
+def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> RunConfig:
+    """The saved config with the allowed ``overrides`` applied; anything else is refused."""
+    saved = config.model_dump(mode="json")
+    merged = validate_config(deep_merge(saved, *overrides))
+    differing = sorted(_differences(saved, merged.model_dump(mode="json")))
+    refused = [item for item in differing if item.split(" ")[0] not in ADJUSTABLE_ON_RESUME]
+    if refused:
+        raise ConfigError(
+            f"--resume {run.path}: the given options change {', '.join(refused)} from the run's saved "
+            f"config; resume without them (only {', '.join(ADJUSTABLE_ON_RESUME)} may change), "
+            "or start a new run"
+        )
+    return merged
+
+
+def _differences(saved: dict, merged: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in saved.keys() | merged.keys():
+        a, b = saved.get(key), merged.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key} (saved {a!r}, given {b!r})")
+    return keys
+
+
+def _execute(
+    context: RunContext,
+    mae: MaskedAutoencoderViT,
+    policy: MaskPolicy,
+    head: ClassifierHead,
+    resume: Checkpoint | None,
+) -> None:
+    config, run, console = context.config, context.run, context.console
+    stage = resume.state.get("stage") if resume is not None else None
+    verb = "resuming" if resume is not None else "starting"
     console.print(
-        f"[bold]maskkit[/] run [cyan]{run.path}[/]: policy [green]{config.policy}[/] "
+        f"[bold]maskkit[/] {verb} run [cyan]{run.path}[/]: policy [green]{config.policy}[/] "
         f"({'learnable, three-level MLO' if policy.learnable else 'fixed, pretrain level only'}), "
-        f"{config.data.dataset} ({len(splits.pretrain)} train / {len(splits.test)} test), "
-        f"device {device}, preset {config.preset}"
+        f"{config.data.dataset} ({len(context.splits.pretrain)} train / {len(context.splits.test)} test), "
+        f"device {context.device}, preset {config.preset}"
+        + (f", from its {stage} checkpoint at step {resume.state['step']}" if resume is not None else "")
     )
-    pretrainer = Pretrainer(context, mae, policy, head if policy.learnable else None)
-    pretrained = pretrainer.run()
-    classifier = ViTClassifier(mae, head)
-    finetuned = run_finetuning(context, classifier, step_offset=pretrained.steps)
-    test_metrics = evaluate_classifier(
-        classifier,
-        splits.test,
-        dataset.class_names,
-        config.data.eval_batch_size,
-        device,
-        dataset.mean,
-        dataset.std,
-        context.autocast,
+    run.truncate_metrics(_resume_position(resume))
+    try:
+        if stage == "finetune":
+            pretrain_summary = resume.state["carry"]["pretrain"]
+        else:
+            pretrainer = Pretrainer(context, mae, policy, head if policy.learnable else None)
+            if resume is not None:
+                pretrainer.resume_from(resume)
+            pretrain_summary = _pretrain_summary(pretrainer.run(), context.splits.eval_name)
+        classifier = ViTClassifier(mae, head)
+        finetuner = Finetuner(
+            context, classifier, step_offset=pretrain_summary["steps"], carry={"pretrain": pretrain_summary}
+        )
+        if stage == "finetune":
+            finetuner.resume_from(resume)
+        finetuned = finetuner.run()
+    except KeyboardInterrupt:
+        console.print(f"interrupted: continue with [bold]maskkit train --resume {run.path}[/]")
+        raise
+    except TrainingDivergedError as error:
+        raise TrainingDivergedError(f"{error} Run dir: {run.path}.") from None
+    _finish(context, classifier, pretrain_summary, finetuned)
+
+
+def _resume_position(resume: Checkpoint | None) -> tuple[str, int] | None:
+    if resume is None:
+        return None
+    return resume.state["stage"], resume.state["step"]
+
+
+def _pretrain_summary(result: PretrainResult, eval_name: str) -> dict:
+    return {
+        "steps": result.steps,
+        "level_steps": result.level_steps,
+        "evaluation_counts": result.evaluation_counts,
+        "seconds": round(result.seconds, 2),
+        f"best_{eval_name}_accuracy": result.best_eval_accuracy,
+        "evaluations": result.evaluations,
+    }
+
+
+def _finish(
+    context: RunContext, classifier: ViTClassifier, pretrain_summary: dict, finetuned: FinetuneResult
+) -> None:
+    config, device, run = context.config, context.device, context.run
+    test_metrics = context.evaluate(classifier, context.splits.test)
+    print_metrics(
+        test_metrics, context.console, title=f"Test metrics ({config.policy}, {config.data.dataset})"
     )
-    print_metrics(test_metrics, console, title=f"Test metrics ({config.policy}, {config.data.dataset})")
     summary = {
         "policy": config.policy,
         "dataset": config.data.dataset,
@@ -116,21 +218,14 @@ def train(
         "test": test_metrics,
         "test_accuracy": test_metrics["accuracy"],
         "test_weighted_f1": test_metrics["weighted_f1"],
-        "pretrain": {
-            "steps": pretrained.steps,
-            "level_steps": pretrained.level_steps,
-            "evaluation_counts": pretrained.evaluation_counts,
-            "seconds": round(pretrained.seconds, 2),
-            f"best_{splits.eval_name}_accuracy": pretrained.best_eval_accuracy,
-            "evaluations": pretrained.evaluations,
-        },
+        "pretrain": pretrain_summary,
         "finetune": {
             "epochs": finetuned.epochs,
             "steps": finetuned.steps,
             "seconds": round(finetuned.seconds, 2),
             "final_eval": finetuned.eval_history[-1] if finetuned.eval_history else None,
         },
-        "wall_time_s": round(time.perf_counter() - started, 2),
+        "wall_time_s": round(pretrain_summary["seconds"] + finetuned.seconds, 2),
         "environment": {
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device)
@@ -142,8 +237,7 @@ def train(
     }
     run.write_json("summary.json", summary)
     write_plots(run, test_metrics)
-    console.print(f"summary: [cyan]{run.summary_path}[/]  plots: [cyan]{run.plots}[/]")
-    return run
+    context.console.print(f"summary: [cyan]{run.summary_path}[/]  plots: [cyan]{run.plots}[/]")
 
 
 def write_plots(run: RunDir, test_metrics: dict) -> None:

@@ -30,7 +30,3 @@ class ViTClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.mae.features(images))
-
-    def trainable_parameters(self) -> list:
-        """Encoder and head; the decoder takes no part in classification."""
-        return self.mae.encoder_parameters() + list(self.head.parameters())

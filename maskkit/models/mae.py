@@ -78,9 +78,12 @@ class MaskedAutoencoderViT(nn.Module):
     def embed_dim(self) -> int:
         return self.config.embed_dim
 
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the encoder path (everything but the decoder)."""
-        return [p for name, p in self.named_parameters() if not _is_decoder(name)]
+    def encoder(self) -> nn.Module:
+        """The encoder's parameters (no decoder) under one module, for an optimiser."""
+        view = nn.Module()
+        view.patch_embed, view.blocks, view.norm = self.patch_embed, self.blocks, self.norm
+        view.cls_token, view.pos_embed = self.cls_token, self.pos_embed
+        return view
 
     def patchify(self, images: Tensor) -> Tensor:
         """``[B, C, H, W]`` → ``[B, L, p·p·C]``."""
@@ -169,7 +172,3 @@ class MaskedAutoencoderViT(nn.Module):
 
 def _norm(dim: int, **factory: object) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6, **factory)
-
-
-def _is_decoder(parameter_name: str) -> bool:
-    return parameter_name.startswith(("decoder_", "mask_token"))

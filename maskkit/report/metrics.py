@@ -54,9 +54,7 @@ def _as_labels(values: np.ndarray, name: str, num_classes: int) -> np.ndarray:
     return arr
 
 
-def classification_metrics(
-    y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]
-) -> dict[str, Any]:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     """Accuracy, F1 scores, per-class precision/recall/F1 and the confusion matrix.
 
     Every class in ``class_names`` is reported, also those absent from both ``y_true`` and
@@ -84,9 +82,7 @@ def classification_metrics(
     yt = _as_labels(y_true, "y_true", num_classes)
     yp = _as_labels(y_pred, "y_pred", num_classes)
     if yt.shape != yp.shape:
-        raise ValueError(
-            f"y_true and y_pred must have the same length, got {yt.shape[0]} and {yp.shape[0]}"
-        )
+        raise ValueError(f"y_true and y_pred must have the same length, got {yt.shape[0]} and {yp.shape[0]}")
     labels = list(range(num_classes))
     n = int(yt.shape[0])
 

@@ -97,8 +97,7 @@ def plot_confusion_matrix(
     num_classes = counts.shape[0]
     if len(class_names) != num_classes:
         raise ValueError(
-            f"confusion matrix is {num_classes}x{num_classes} but {len(class_names)} class "
-            "names were given"
+            f"confusion matrix is {num_classes}x{num_classes} but {len(class_names)} class names were given"
         )
     if dpi is None:
         dpi = DEFAULT_DPI if num_classes <= ANNOTATE_MAX_CLASSES else 100
