@@ -73,6 +73,7 @@ STATE_BYTES_PER_PARAMETER = 16
 #: Extra fp32 copies of the pretrain level's weights during the hypergradient (the saved weights
 #: of the finite difference, the gradients at ±ε, the vector pushed through the level, ...).
 HYPERGRADIENT_COPIES = 5
+ENVIRONMENT_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD", "PYTORCH_", "CUDA_VISIBLE")
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -338,6 +339,11 @@ def hardware(device: torch.device, precision: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "compute": "bf16 autocast" if use_bf16(device, precision) else "fp32",
+    }
+    # Settings that change CPU speed a lot (glibc's malloc thresholds, thread counts, a preloaded
+    # allocator); shown in the header when set.
+    info["environment"] = {
+        key: value for key, value in sorted(os.environ.items()) if key.startswith(ENVIRONMENT_PREFIXES)
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -684,6 +690,11 @@ def describe_setup(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[
         f"Command: `{meta['command']}`",
         f"Hardware: {machine}; torch {info['torch']}, Python {info['python']}, {info['compute']}{peak_text}",
         f"Date: {meta['date']}",
+        *(
+            [f"Environment: {' '.join(f'{key}={value}' for key, value in info['environment'].items())}"]
+            if info.get("environment")
+            else []
+        ),
         f"Model (preset `{meta['preset']}`): encoder {model['embed_dim']}×{model['depth']} "
         f"({model['num_heads']} heads), patch {model['patch_size']} at {model['img_size']} px "
         f"({model['num_patches']} patches), decoder {model['decoder_embed_dim']}×{model['decoder_depth']} "

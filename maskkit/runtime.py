@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,3 +51,16 @@ def autocast(device: torch.device, enabled: bool) -> Iterator[None]:
 def full_precision(tensor: torch.Tensor) -> torch.Tensor:
     """Lift bf16/fp16 results to fp32 for losses; leave fp32 and fp64 as they are."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def device_description(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (``platform.processor()`` is
+    empty on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    return names[0] if names else platform.machine()

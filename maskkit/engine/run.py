@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from maskkit.plugins import create_policy, policy_info
 from maskkit.policy import MaskPolicy, PolicyContext
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
 from maskkit.rundir import RunDir, atomic_write_text
-from maskkit.runtime import seed_everything, select_device
+from maskkit.runtime import device_description, seed_everything, select_device
 
 
 def policy_context(model: MaskedAutoencoderViT) -> PolicyContext:
@@ -228,9 +227,7 @@ def _finish(
         "wall_time_s": round(pretrain_summary["seconds"] + finetuned.seconds, 2),
         "environment": {
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": device_description(device),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
