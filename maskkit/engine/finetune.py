@@ -156,8 +156,9 @@ class Finetuner:
         return record
 
     def run(self) -> FinetuneResult:
-        started = time.perf_counter()
+        started = epoch_started = time.perf_counter()
         eval_name = self.context.splits.eval_name
+        batch_size = self.context.config.finetune.batch_size
         self.model.train()
         with self.context.progress() as progress:
             task = progress.add_task("fine-tune", total=self.total, completed=self.start_step, status="")
@@ -165,12 +166,15 @@ class Finetuner:
                 self._train_step(step)
                 progress.advance(task)
                 if step % self.per_epoch == 0 or step == self.total:
+                    steps_done = (step - 1) % self.per_epoch + 1
+                    rate = steps_done * batch_size / max(time.perf_counter() - epoch_started, 1e-9)
                     record = self._end_of_epoch(step, self.seconds_before + time.perf_counter() - started)
                     progress.update(
                         task,
                         status=f"epoch {record['epoch']:.1f}  loss {record['train/loss']:.4f}  "
-                        f"{eval_name} acc {record[f'{eval_name}/accuracy']:.4f}",
+                        f"{eval_name} acc {record[f'{eval_name}/accuracy']:.4f}  {rate:.0f} img/s",
                     )
+                    epoch_started = time.perf_counter()
         self.model.eval()
         seconds = self.seconds_before + time.perf_counter() - started
         if self.total == 0:  # finetune.epochs = 0: evaluate the pretrained encoder and head as they are

@@ -245,7 +245,9 @@ class Pretrainer:
                         for key, value in record.items()
                         if key.startswith("loss/")
                     )
-                    progress.update(task, status=f"{losses}  {rate:.0f} img/s")
+                    latest = self.evaluations[-1]["accuracy"] if self.evaluations else None
+                    shown = f"  {context.splits.eval_name} acc {latest:.3f}" if latest is not None else ""
+                    progress.update(task, status=f"{losses}  {rate:.0f} img/s{shown}")
                 pointers = ("last",)
                 if self.mlo.is_multilevel and (step % eval_every == 0 or step == self.total_steps):
                     pointers = self._evaluate_and_log(step, progress)
