@@ -157,3 +157,7 @@ def test_an_unknown_option_is_a_usage_error():
     result = maskkit("train", "--bogus")
     assert result.returncode == 2
     assert "No such option" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_rejects_an_unknown_split(tmp_path):
+    assert_user_error(maskkit("evaluate", tmp_path, "--split", "train"), "unknown split 'train'")

@@ -11,14 +11,14 @@ from rich.console import Console
 from maskkit.checkpoint import checkpoint_path, load_checkpoint
 from maskkit.config import load_run_config
 from maskkit.data import normalize
-from maskkit.engine.evaluate import evaluate_classifier
+from maskkit.engine.context import RunContext
 from maskkit.engine.objectives import masked_reconstruction
 from maskkit.engine.run import build_models, prepare
 from maskkit.errors import ConfigError
-from maskkit.models import ViTClassifier
+from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
+from maskkit.policy import MaskPolicy
 from maskkit.report import plot_confusion_matrix, plot_mask_grid, print_metrics
 from maskkit.rundir import RunDir
-from maskkit.runtime import autocast, use_bf16
 
 
 def _first_available(run: RunDir, pointers: tuple[str, ...]) -> str:
@@ -31,28 +31,30 @@ def _first_available(run: RunDir, pointers: tuple[str, ...]) -> str:
     )
 
 
-def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
-    """Evaluate the fine-tuned model of a run on ``split`` (test or val); save JSON and PNG."""
+def _open(
+    run_dir: Path, console: Console
+) -> tuple[RunContext, MaskedAutoencoderViT, MaskPolicy, ClassifierHead]:
+    """A finished (or interrupted) run's context and freshly built models, before any weights load."""
     run = RunDir.open(run_dir)
     config = load_run_config(run.config_path)
     device, dataset, splits = prepare(config, console)
-    mae, _, head = build_models(config, dataset.num_classes, device)
-    pointer = _first_available(run, ("final",))
-    load_checkpoint(run.checkpoints, pointer, map_location=str(device)).load_into({"mae": mae, "head": head})
-    target = {"test": splits.test, "val": dataset.val}.get(split)
+    mae, policy, head = build_models(config, dataset.num_classes, device)
+    return RunContext(config, device, dataset, splits, run, console), mae, policy, head
+
+
+def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
+    """Evaluate the fine-tuned model of a run on ``split`` (test or val); save JSON and PNG."""
+    if split not in ("test", "val"):
+        raise ConfigError(f"unknown split '{split}'; use test or val")
+    context, mae, _, head = _open(run_dir, console)
+    run = context.run
+    target = context.splits.test if split == "test" else context.dataset.val
     if target is None:
-        raise ConfigError(f"split '{split}' is not available for {config.data.dataset}; use test or val")
-    enabled = use_bf16(device, config.precision)
-    metrics = evaluate_classifier(
-        ViTClassifier(mae, head),
-        target,
-        dataset.class_names,
-        config.data.eval_batch_size,
-        device,
-        dataset.mean,
-        dataset.std,
-        lambda: autocast(device, enabled),
-    )
+        raise ConfigError(f"{context.config.data.dataset} has no val split; use --split test")
+    pointer = _first_available(run, ("final",))
+    device = str(context.device)
+    load_checkpoint(run.checkpoints, pointer, map_location=device).load_into({"mae": mae, "head": head})
+    metrics = context.evaluate(ViTClassifier(mae, head), target)
     print_metrics(metrics, console, title=f"{split} metrics of {run.path.name}")
     run.write_json(f"evaluation_{split}.json", metrics)
     png = plot_confusion_matrix(
@@ -65,10 +67,14 @@ def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
 @torch.no_grad()
 def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int, console: Console) -> Path:
     """PNG grid of test images: original → masked → reconstruction (→ mask probability)."""
-    run = RunDir.open(run_dir)
-    config = load_run_config(run.config_path)
-    device, dataset, splits = prepare(config, console)
-    mae, policy, _ = build_models(config, dataset.num_classes, device)
+    context, mae, policy, _ = _open(run_dir, console)
+    run, config, dataset, splits, device = (
+        context.run,
+        context.config,
+        context.dataset,
+        context.splits,
+        context.device,
+    )
     pointer = _first_available(run, ("pretrained", "best", "last"))
     load_checkpoint(run.checkpoints, pointer, map_location=str(device)).load_into(
         {"mae": mae, "policy": policy}
