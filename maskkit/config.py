@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from maskkit.errors import ConfigError, UnknownNameError
+from maskkit.weighting import WeightingName
 
 PRESETS = ("smoke", "cpu", "paper")
 DEFAULT_PRESET = "cpu"
@@ -83,24 +84,34 @@ class LevelConfig(OptimizerConfig):
 
 
 class MaskLevelConfig(LevelConfig):
-    """Level 3, the mask policy; its gradient is betty's hypergradient."""
+    """Level 3, the mask policy; its gradient is the hypergradient.
 
-    hypergradient: Literal["darts", "neumann", "cg"] = "darts"
-    darts_alpha: float = Field(0.01, gt=0)
-    neumann_iterations: int = Field(1, gt=0)
-    neumann_alpha: float = Field(1.0, gt=0)
+    ``darts`` (first order, a unit inner step) evaluates each mixed second-derivative product
+    exactly in forward mode (``exact``) or by betty's central difference
+    (``finite-difference``); ``cg`` replaces the unit step by conjugate-gradient steps toward
+    the inverse Hessian. (betty's ``neumann`` is not offered: it diverges on the MAE; see
+    docs/mlo.md.)
+    """
+
+    hypergradient: Literal["darts", "cg"] = "darts"
+    darts_mode: Literal["exact", "finite-difference"] = "exact"
+    darts_alpha: float = Field(0.01, gt=0, description="finite-difference darts only: ε = α / ‖v‖")
     cg_iterations: int = Field(1, gt=0)
-    cg_alpha: float = Field(1.0, gt=0)
 
 
 class PretrainConfig(StrictModel):
     """Stage 1: MAE pretraining, three-level MLO when the policy is learnable.
 
     ``epochs`` counts passes of the pretrain level over all training images; ``steps`` (pretrain
-    level steps) overrides it when set.
+    level steps) overrides it when set. ``weighting`` says how a policy's weights enter the
+    pretrain loss (``maskkit/weighting.py``; ``reference`` is the paper's code).
+    ``class_balanced`` weights the level-2 and level-3 cross-entropies by inverse class
+    frequency.
     """
 
     epochs: float = Field(1.0, gt=0)
+    weighting: WeightingName = "hypergradient-only"
+    class_balanced: bool = False
     steps: int | None = Field(None, gt=0)
     augment: Augment = "crop_flip"
     eval_every: int | None = Field(None, gt=0, description="pretrain steps between evaluations")
@@ -119,6 +130,7 @@ class FinetuneConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.95)
     batch_size: int = Field(64, gt=0)
     augment: Augment = "randaugment"
+    cutout: int = Field(0, ge=0, description="side in pixels of one zeroed square per image (0 = off)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     warmup_epochs: float = Field(0.0, ge=0)
     head_dropout: float = Field(0.1, ge=0, lt=1)
@@ -129,7 +141,10 @@ class DataConfig(StrictModel):
     data_dir: Path | None = Field(None, description="default: $MASKKIT_DATA_DIR, else a user cache folder")
     download: bool = False
     train_portion: float = Field(0.8, gt=0, lt=1)
-    mask_source: Literal["auto", "train_tail", "val"] = "auto"
+    mask_source: Literal["train_tail", "val"] = "train_tail"
+    val_portion: float = Field(
+        0.1, gt=0, lt=1, description="share of train held out for selection when the dataset has no val split"
+    )
     subset: int | None = Field(None, gt=0, description="keep at most this many images per split")
     eval_batch_size: int = Field(256, gt=0)
 

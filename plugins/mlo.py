@@ -1,8 +1,9 @@
 """``mlo`` and ``mlo-light``: masks learned by downstream feedback (MLO-MAE, Guo et al., 2024).
 
 Both return a sigmoid mask probability per patch. The patches with the lowest probability are
-kept, and the reconstruction loss of each patch is weighted by its probability, so that the
-pretrain loss depends on the policy and a hypergradient can reach it (equation 1 of the paper).
+kept, and the probabilities are the policy's loss weights: how they enter the pretrain loss, and
+so how the hypergradient reaches the policy, is the run's ``pretrain.weighting``
+(``maskkit/weighting.py``; equation 1 of the paper is ``reference``).
 """
 
 from __future__ import annotations
@@ -14,27 +15,16 @@ from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, d
 
 
 class LearnedMasking(MaskPolicy):
-    """Shared logic: a scorer gives logits ``[B, L]``; sigmoid gives the mask probability.
-
-    ``detach_tokens`` (default False, as in the reference) stops the pretrain loss from reaching
-    the patch embedding through the policy. Without it the pretrain level can lower its own
-    loss by moving the tokens so that the mask probabilities (its loss weights) shrink; see
-    docs/mlo.md.
-    """
+    """Shared logic: a scorer gives logits ``[B, L]``; sigmoid gives the mask probability."""
 
     learnable = True
-
-    def __init__(self, context: PolicyContext, detach_tokens: bool = False) -> None:
-        super().__init__(context)
-        self.detach_tokens = detach_tokens
 
     def mask_logits(self, tokens: Tensor) -> Tensor:
         """``[B, L, D]`` patch tokens → ``[B, L]`` logits."""
         raise NotImplementedError
 
     def forward(self, batch: MaskBatch) -> MaskDecision:
-        tokens = batch.tokens.detach() if self.detach_tokens else batch.tokens
-        mask_prob = self.mask_logits(tokens).sigmoid()  # [B, L]
+        mask_prob = self.mask_logits(batch.tokens).sigmoid()  # [B, L]
         return decision_from_scores(mask_prob, batch.mask_ratio, weights=mask_prob)
 
 
@@ -48,8 +38,8 @@ class MLOMasking(LearnedMasking):
     name = "mlo"
     description = "MLO-MAE reference masking network: MLP over flattened patch tokens (L·D → 512 → L)."
 
-    def __init__(self, context: PolicyContext, hidden_dim: int = 512, detach_tokens: bool = False) -> None:
-        super().__init__(context, detach_tokens)
+    def __init__(self, context: PolicyContext, hidden_dim: int = 512) -> None:
+        super().__init__(context)
         self.scorer = nn.Sequential(
             nn.Linear(context.num_patches * context.embed_dim, hidden_dim),
             nn.ReLU(),
@@ -70,8 +60,8 @@ class MLOLightMasking(LearnedMasking):
     name = "mlo-light"
     description = "Learned MLO mask with a small per-patch scorer (D → 64 → 1), far fewer parameters."
 
-    def __init__(self, context: PolicyContext, hidden_dim: int = 64, detach_tokens: bool = False) -> None:
-        super().__init__(context, detach_tokens)
+    def __init__(self, context: PolicyContext, hidden_dim: int = 64) -> None:
+        super().__init__(context)
         self.scorer = nn.Sequential(
             nn.LayerNorm(context.embed_dim),
             nn.Linear(context.embed_dim, hidden_dim),

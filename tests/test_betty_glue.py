@@ -129,7 +129,7 @@ def test_betty_darts_leaves_weights_shifted_which_maskkit_avoids():
         torch.testing.assert_close(p.detach(), b - eps * v)
 
 
-@pytest.mark.parametrize("method", ["darts", "neumann", "cg"])
+@pytest.mark.parametrize("method", ["darts", "cg"])
 def test_every_hypergradient_method_runs_with_unused_parameters(method):
     mlo, weighting = toy_levels((1, 1, 1), hypergradient=method)
     before = [p.detach().clone() for p in weighting.parameters()]

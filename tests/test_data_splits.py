@@ -58,36 +58,40 @@ def test_dataset_properties() -> None:
 
 
 def test_train_tail_is_the_paper_split() -> None:
-    ds = _dataset(10, None)
+    ds = _dataset(10, 4)
     s = make_splits(ds, train_portion=0.8)
     assert s.pretrain.labels.tolist() == list(range(10))
     assert s.finetune.labels.tolist() == list(range(8))
     assert s.mask_val.labels.tolist() == [8, 9]
     assert s.mask_val.images[:, 0, 0, 0].tolist() == [8, 9]
-    assert s.eval_name == "test" and s.eval is ds.test and s.test is ds.test
+    # Selection uses the dataset's own val split, which no level trains on.
+    assert s.eval is ds.val and s.test is ds.test
+
+
+def test_without_a_val_split_selection_uses_held_out_train_images_never_test() -> None:
+    ds = _dataset(100, None)
+    s = make_splits(ds, train_portion=0.8, val_portion=0.1)
+    assert s.eval.labels.tolist() == list(range(90, 100))
+    assert s.pretrain.labels.tolist() == list(range(90))
+    assert s.finetune.labels.tolist() == list(range(72))
+    assert s.mask_val.labels.tolist() == list(range(72, 90))
+    assert s.eval is not ds.test and "held out" in s.eval_source
+    used = set(s.pretrain.labels.tolist()) | set(s.finetune.labels.tolist()) | set(s.mask_val.labels.tolist())
+    assert used.isdisjoint(s.eval.labels.tolist())
 
 
 def test_train_tail_rounding() -> None:
-    s = make_splits(_dataset(100, None), train_portion=0.29)
+    s = make_splits(_dataset(100, 5), train_portion=0.29)
     assert (len(s.finetune), len(s.mask_val)) == (29, 71)
-    s = make_splits(_dataset(7007, None), train_portion=0.8)
+    s = make_splits(_dataset(7007, 5), train_portion=0.8)
     assert (len(s.finetune), len(s.mask_val)) == (5605, 1402)
 
 
-def test_auto_uses_val_when_present() -> None:
+def test_val_mask_source_uses_the_val_split_for_the_mask_level() -> None:
     ds = _dataset(10, 4)
-    s = make_splits(ds)
+    s = make_splits(ds, mask_source="val")
     assert s.finetune.labels.tolist() == list(range(10))
-    assert s.mask_val is ds.val
-    assert s.eval_name == "val" and s.eval is ds.val
-
-
-def test_train_tail_with_val_dataset() -> None:
-    ds = _dataset(10, 4)
-    s = make_splits(ds, train_portion=0.5, mask_source="train_tail")
-    assert s.finetune.labels.tolist() == [0, 1, 2, 3, 4]
-    assert s.mask_val.labels.tolist() == [5, 6, 7, 8, 9]
-    assert s.eval_name == "val"
+    assert s.mask_val is ds.val and s.eval is ds.val
 
 
 def test_val_source_without_val_split() -> None:
@@ -96,9 +100,10 @@ def test_val_source_without_val_split() -> None:
 
 
 @pytest.mark.parametrize("portion", [0.0, 1.0, -0.5, 1.5, float("nan")])
-def test_bad_train_portion(portion: float) -> None:
-    with pytest.raises(DataError, match="train_portion"):
-        make_splits(_dataset(10, None), train_portion=portion)
+@pytest.mark.parametrize("name", ["train_portion", "val_portion"])
+def test_bad_portion(portion: float, name: str) -> None:
+    with pytest.raises(DataError, match=name):
+        make_splits(_dataset(10, None), **{name: portion})
 
 
 def test_bad_mask_source() -> None:
@@ -109,7 +114,7 @@ def test_bad_mask_source() -> None:
 @pytest.mark.parametrize(("n_train", "portion"), [(1, 0.8), (3, 0.1), (2, 0.4)])
 def test_empty_finetune_raises(n_train: int, portion: float) -> None:
     with pytest.raises(DataError, match="finetune split of dataset 'toy' is empty"):
-        make_splits(_dataset(n_train, None), train_portion=portion)
+        make_splits(_dataset(n_train, 2), train_portion=portion)
 
 
 def test_empty_test_raises() -> None:

@@ -19,7 +19,7 @@ from maskkit.errors import DataError
 
 from .types import ImageSplit
 
-__all__ = ["Augment", "DeviceBatches", "crop_flip", "iterate_eval", "normalize"]
+__all__ = ["Augment", "DeviceBatches", "crop_flip", "cutout", "iterate_eval", "normalize"]
 
 Augment = Literal["none", "crop_flip", "randaugment"]
 
@@ -81,6 +81,29 @@ def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: 
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def cutout(images: Tensor, centre_y: Tensor, centre_x: Tensor, size: int) -> Tensor:
+    """Zero one ``size × size`` square per image, centred at the given pixel and clipped at the
+    border (DeVries & Taylor's Cutout, as the reference's fine-tuning applies it).
+
+    Args:
+        images: ``[B, C, H, W]`` normalised images (zero is the mean colour).
+        centre_y, centre_x: ``[B]`` int64 centres, in ``0..H-1`` and ``0..W-1``.
+        size: the square's side in pixels.
+
+    Returns:
+        ``[B, C, H, W]``, a new tensor.
+    """
+    _, _, h, w = images.shape
+    device = images.device
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    centre_y, centre_x = centre_y.to(device)[:, None], centre_x.to(device)[:, None]
+    inside_rows = (rows >= centre_y - size // 2) & (rows < centre_y + size // 2)  # [B, H]
+    inside_cols = (cols >= centre_x - size // 2) & (cols < centre_x + size // 2)  # [B, W]
+    hole = inside_rows[:, :, None] & inside_cols[:, None, :]  # [B, H, W]
+    return images * (~hole)[:, None].to(images.dtype)
+
+
 def _derived_seed(seed: int) -> int:
     """A second seed, unrelated to ``seed``, for the augmentation generator."""
     return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 64)
@@ -100,6 +123,7 @@ class DeviceBatches:
         position: index into the current permutation of the next image to serve.
         batch_size: images per batch.
         augment: ``"none"``, ``"crop_flip"`` or ``"randaugment"`` (RandAugment, then crop_flip).
+        cutout: side of the square :func:`cutout` zeroes in every normalised image (0 = none).
         device: where images and batches live.
     """
 
@@ -112,6 +136,7 @@ class DeviceBatches:
         std: StatLike,
         augment: Augment = "crop_flip",
         seed: int = 0,
+        cutout: int = 0,
     ) -> None:
         """Hold ``split`` on ``device``.
 
@@ -123,6 +148,7 @@ class DeviceBatches:
             std: per-channel standard deviations in ``[0, 1]``.
             augment: the augmentation applied to every training batch.
             seed: seeds the permutations and the augmentation.
+            cutout: side in pixels of the square zeroed in each image after normalisation.
         """
         if len(split) == 0:
             raise DataError("cannot draw batches from an empty split.")
@@ -136,6 +162,7 @@ class DeviceBatches:
         self.num_items = len(split)
         self.batch_size = batch_size
         self.augment: Augment = augment
+        self.cutout = cutout
         self.seed = seed
         self._mean = _stat_tensor(mean, self.device)
         self._std = _stat_tensor(std, self.device)
@@ -203,8 +230,13 @@ class DeviceBatches:
         indices = self._next_indices().to(self.device)
         images = self.images.index_select(0, indices)
         labels = self.labels.index_select(0, indices)
-        images = self._apply_augment(images)
-        return normalize(images, self._mean, self._std), labels
+        images = normalize(self._apply_augment(images), self._mean, self._std)
+        if self.cutout:
+            b, _, h, w = images.shape
+            centre_y = torch.randint(0, h, (b,), generator=self._aug_generator)
+            centre_x = torch.randint(0, w, (b,), generator=self._aug_generator)
+            images = cutout(images, centre_y, centre_x, self.cutout)
+        return images, labels
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to reproduce the future batches exactly (CPU tensors and ints)."""

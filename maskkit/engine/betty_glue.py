@@ -24,8 +24,11 @@ betty-ml 0.1.1 (the only release for Python >= 3.11) has three defects, correcte
 The hypergradient itself is maskkit's (:func:`hypergradient`), registered in place of betty's by
 overriding ``Problem.backward``. It also removes work the mathematics doesn't need: paths that
 enter the same problem share one finite-difference pair (the product is linear in its vector),
-and the finetune level evaluates its encoder once per pair (the perturbation touches only the
-head). See ``docs/mlo.md`` for the evaluation count per iteration.
+and a level's :class:`FunctionalLoss` computes what both sides of a pair share once (the
+finetune level's encoder features; the pretrain level's mask decision). Both sides of every pair
+draw the same random numbers (:func:`same_random_draws`), so dropout in the head does not turn
+the finite difference into noise, a flaw the reference shares. See ``docs/mlo.md`` for the
+evaluation count per iteration.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from betty.configs import Config, EngineConfig
@@ -43,6 +47,8 @@ from betty.engine import Engine
 from betty.logging.logger_base import get_logger
 from betty.problems import ImplicitProblem
 from torch import Tensor, nn
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from maskkit.errors import TrainingDivergedError
 from maskkit.runtime import full_precision
@@ -64,10 +70,14 @@ class LevelSpec:
         loss: the level's own objective on a batch (its step).
         unroll_steps: steps of this level per step of the level above.
         hypergradient: how the best-response Jacobian of this level is approximated when an
-            upper level's hypergradient passes through it: ``darts``, ``neumann`` or ``cg``.
-        trunk, head_loss: optional split of the loss as ``head_loss(trunk(batch), batch, params)``
-            where ``trunk`` does not depend on this level's parameters. When given, a
-            finite-difference pair evaluates the trunk once.
+            upper level's hypergradient passes through it: ``darts`` or ``cg``.
+        hypergradient_loss: this level's loss with every graph an upper level needs (for
+            ``cg``); ``loss`` when None.
+        functional: this level's loss as a function of its own parameters
+            (:class:`FunctionalLoss`), which ``darts`` differentiates exactly in forward mode or
+            evaluates at ±εv; None perturbs the parameters in place and differentiates each
+            side's ``loss`` (finite differences only).
+        darts_mode: ``exact`` (forward-mode, needs ``functional``) or ``finite-difference``.
     """
 
     name: str
@@ -79,13 +89,25 @@ class LevelSpec:
     unroll_steps: int = 1
     hypergradient: str = "darts"
     darts_alpha: float = 0.01
-    neumann_iterations: int = 1
-    neumann_alpha: float = 1.0
     cg_iterations: int = 1
-    cg_alpha: float = 1.0
     hypergradient_loss: Callable[[tuple], Tensor] | None = None
-    trunk: Callable[[tuple], Tensor] | None = None
-    head_loss: Callable[[Tensor, tuple, dict | None], Tensor] | None = None
+    functional: FunctionalLoss | None = None
+    darts_mode: str = "exact"
+
+
+@dataclass
+class FunctionalLoss:
+    """A level's loss as a function of its own parameters, for the ``darts`` product.
+
+    ``prepare(batch)`` computes once what does not depend on this level's parameters (with any
+    graph into the upper levels' parameters); ``loss_at(shared, params)`` gives the loss at this
+    level's parameters ``params`` (name → tensor, used out of place). The product differentiates
+    ``loss_at`` along ``v`` in forward mode, or evaluates it at ``θ ± εv``, and then
+    differentiates the result once.
+    """
+
+    prepare: Callable[[tuple], Any]
+    loss_at: Callable[[Any, dict[str, Tensor]], Tensor]
 
 
 class _Level(ImplicitProblem):
@@ -98,10 +120,7 @@ class _Level(ImplicitProblem):
             retain_graph=True,
             allow_unused=True,
             darts_alpha=spec.darts_alpha,
-            neumann_iterations=spec.neumann_iterations,
-            neumann_alpha=spec.neumann_alpha,
             cg_iterations=spec.cg_iterations,
-            cg_alpha=spec.cg_alpha,
         )
         super().__init__(
             name=spec.name,
@@ -114,6 +133,11 @@ class _Level(ImplicitProblem):
         self.spec = spec
         self.last_loss: float | None = None
         self.last_hypergradient: list[Tensor] | None = None
+        # Set to compute the next hypergradient path by path (one more product; for diagnostics).
+        self.split_next_hypergradient = False
+        self.last_path_hypergradients: dict[str, list[Tensor]] = {}
+        # Norms of the latest hypergradient ("total") and of the latest split one's paths.
+        self.hypergradient_norms: dict[str, float] = {}
 
     # --- defect (a): the unroll assertion -------------------------------------------------
     def initialize(self, engine_config: EngineConfig) -> None:
@@ -175,8 +199,13 @@ class _Level(ImplicitProblem):
         for problem, group in zip(first_hops, hop_params, strict=True):
             seeds[problem] = list(grads[offset : offset + len(group)])
             offset += len(group)
-        implicit = hypergradient(self, paths, seeds)
+        implicit, parts = hypergradient(self, paths, seeds, per_path=self.split_next_hypergradient)
         self.last_hypergradient = [g.detach().clone() for g in implicit]
+        self.hypergradient_norms["total"] = _norm(implicit)
+        if parts:
+            self.last_path_hypergradients = parts
+            self.hypergradient_norms.update({name: _norm(part) for name, part in parts.items()})
+            self.split_next_hypergradient = False
         self.set_grads(params, implicit)
 
 
@@ -195,6 +224,10 @@ def _uniform_unroll_view(children: list[_Level]) -> Iterator[None]:
             child._config = config
 
 
+def _norm(tensors: list[Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
+
+
 def _unique(items) -> list:
     seen: list = []
     for item in items:
@@ -209,20 +242,42 @@ def _grad(output: Tensor, inputs: list[Tensor], retain_graph: bool = False, **kw
     return [torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads, strict=True)]
 
 
+def path_name(path: list[_Level]) -> str:
+    """A path named by the problems it passes: ``[mask, finetune, pretrain, mask]`` is
+    ``finetune-pretrain``."""
+    return "-".join(problem.name for problem in path[1:-1])
+
+
 def hypergradient(
-    upper: _Level, paths: list[list[_Level]], seeds: dict[_Level, list[Tensor]]
-) -> list[Tensor]:
+    upper: _Level, paths: list[list[_Level]], seeds: dict[_Level, list[Tensor]], per_path: bool = False
+) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
     """dL_upper/d(upper's params) through every path of lower problems.
 
-    Each path is ``[upper, a, b, …, upper]``. The vector that enters a problem is summed over
-    all paths before it is pushed to the next problem, so every edge of the path graph costs
-    one best-response-Jacobian product, however many paths share it.
+    Each path is ``[upper, a, b, …, upper]``. By default the vector that enters a problem is
+    summed over all paths before it is pushed to the next problem, so every edge of the path
+    graph costs one best-response-Jacobian product, however many paths share it. With
+    ``per_path`` each path is pushed on its own (one product per edge of each path) and its
+    contribution is returned too; the total is their sum.
 
     Args:
         upper: the problem whose parameters receive the hypergradient.
         paths: betty's backpropagation paths of ``upper``.
         seeds: for each first problem of a path, dL_upper/d(its params).
+        per_path: also return each path's contribution, by :func:`path_name`.
+
+    Returns:
+        ``(total, parts)``: the hypergradient, and the per-path contributions (empty unless
+        ``per_path``).
     """
+    if per_path:
+        parts = {}
+        for path in paths:
+            vector = seeds[path[1]]
+            for current, following in itertools.pairwise(path[1:]):
+                vector = JACOBIAN_PRODUCTS[current.config.type](vector, current, following)
+            parts[path_name(path)] = [v.detach() for v in vector]
+        total = [torch.stack(terms).sum(0) for terms in zip(*parts.values(), strict=True)]
+        return total, parts
     successors: dict[_Level, list[_Level]] = {}
     for path in paths:
         for current, following in itertools.pairwise(path[1:]):
@@ -246,7 +301,7 @@ def hypergradient(
             )
             for accumulated, term in zip(target, product, strict=True):
                 accumulated.add_(term)
-    return result
+    return result, {}
 
 
 def _topological_order(successors: dict[_Level, list[_Level]], upper: _Level) -> list[_Level]:
@@ -280,19 +335,24 @@ def _vjp(outputs: list[Tensor], inputs: list[Tensor], grad_outputs: list[Tensor]
     return _grad(list(kept), inputs, retain_graph=True, grad_outputs=list(weights))
 
 
-@contextlib.contextmanager
-def _repeatable_randomness(device: torch.device) -> Iterator[Callable[[], None]]:
-    """Yield a function that rewinds the RNG, so both sides of a finite difference draw the
-    same random numbers (a policy with noise must see the same noise at θ+εv and θ−εv)."""
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def same_random_draws(device: torch.device) -> contextlib.AbstractContextManager:
+    """Run an evaluation from the current RNG state and put the state back afterwards.
 
-    def rewind() -> None:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
+    Both sides of a finite difference run under it, so every stochastic layer they contain
+    (the head's dropout, a policy's noise) draws the *same* numbers at θ+εv and θ−εv, and the
+    difference measures the parameters' effect instead of the difference of two random draws
+    (common random numbers). The pair is an unbiased sample of the derivative of the level's
+    stochastic loss, as the level's own step is of its value; and it consumes no randomness
+    from the training stream.
+    """
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
-    yield rewind
+
+def second_order_attention() -> contextlib.AbstractContextManager:
+    """The math kernel of ``scaled_dot_product_attention``. The fused kernels (flash, and
+    flash-for-CPU) support neither forward-mode derivatives (the exact ``darts`` product) nor a
+    derivative of their backward (``cg``)."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @torch.no_grad()
@@ -302,35 +362,64 @@ def _shift(params: list[Tensor], base: list[Tensor], vector: list[Tensor], scale
 
 
 def darts_product(vector: list[Tensor], current: _Level, previous: _Level) -> list[Tensor]:
-    """``-(∂²L_current / ∂previous ∂current) · v`` by a central difference (betty's ``darts``).
+    """``-(∂²L_current / ∂previous ∂current) · v``, the product betty's ``darts`` approximates.
 
-    ``ε = α / ‖v‖``; the loss gradient w.r.t. ``previous`` is taken at ``current ± ε v``. The
-    weights of ``current`` are restored bit for bit afterwards (defect c).
+    ``exact`` (the default, when the level gives a :class:`FunctionalLoss`): the directional
+    derivative of the loss along ``v`` comes from one forward-mode pass (``torch.func.jvp``),
+    with no ε, and is differentiated with respect to ``previous``. A single evaluation draws its
+    random numbers once, so stochastic layers cannot make it noisy.
+
+    ``finite-difference`` (betty's way): ``ε = α / ‖v‖``, and the gradient with respect to
+    ``previous`` of the loss difference at ``current ± ε v``, with the same random draws on both
+    sides (:func:`same_random_draws`). Without a :class:`FunctionalLoss` the weights are shifted
+    in place and restored bit for bit afterwards (defect c).
     """
     params = current.trainable_parameters()
+    targets = previous.trainable_parameters()
     norm = torch.sqrt(sum((full_precision(v) ** 2).sum() for v in vector))
     if float(norm) == 0.0:
-        return [torch.zeros_like(p) for p in previous.trainable_parameters()]
+        return [torch.zeros_like(p) for p in targets]
+    batch, spec, device = current.cur_batch, current.spec, params[0].device
+    functional = spec.functional
+    if functional is None:
+        return _difference_in_place(vector, current, targets, float(norm))
+    shared = functional.prepare(batch)
+    names = [name for name, p in current.module.named_parameters() if p.requires_grad]
+    if spec.darts_mode == "exact":
+        primals = {n: p.detach() for n, p in zip(names, params, strict=True)}
+        tangents = dict(zip(names, vector, strict=True))
+        with second_order_attention():
+            _, directional = jvp(lambda at: functional.loss_at(shared, at), (primals,), (tangents,))
+        if not directional.requires_grad:  # the loss does not depend on `previous` at all
+            return [torch.zeros_like(p) for p in targets]
+        return [-g for g in _grad(directional, targets)]
     eps = current.config.darts_alpha / float(norm)
-    targets = previous.trainable_parameters()
-    batch = current.cur_batch
-    spec = current.spec
-    if spec.trunk is not None and spec.head_loss is not None:
-        # The perturbation touches only this level's own parameters, so the trunk (which depends
-        # on the lower level alone) is evaluated once and the loss difference is differentiated once.
-        features = spec.trunk(batch)
-        names = [name for name, p in current.module.named_parameters() if p.requires_grad]
-        plus = {n: p.detach() + eps * v for n, p, v in zip(names, params, vector, strict=True)}
-        minus = {n: p.detach() - eps * v for n, p, v in zip(names, params, vector, strict=True)}
-        difference = spec.head_loss(features, batch, minus) - spec.head_loss(features, batch, plus)
-        return [g / (2 * eps) for g in _grad(difference, targets)]
+    plus = {n: p.detach() + eps * v for n, p, v in zip(names, params, vector, strict=True)}
+    minus = {n: p.detach() - eps * v for n, p, v in zip(names, params, vector, strict=True)}
+    with same_random_draws(device):
+        loss_plus = functional.loss_at(shared, plus)
+    with same_random_draws(device):
+        loss_minus = functional.loss_at(shared, minus)
+    difference = loss_minus - loss_plus
+    if not difference.requires_grad:
+        return [torch.zeros_like(p) for p in targets]
+    return [g / (2 * eps) for g in _grad(difference, targets)]
+
+
+def _difference_in_place(
+    vector: list[Tensor], current: _Level, targets: list[Tensor], norm: float
+) -> list[Tensor]:
+    """The finite-difference product for a level without a :class:`FunctionalLoss`."""
+    params = current.trainable_parameters()
+    eps = current.config.darts_alpha / norm
+    batch, device = current.cur_batch, params[0].device
     originals = [p.detach().clone() for p in params]
     try:
-        with _repeatable_randomness(params[0].device) as rewind:
-            _shift(params, originals, vector, eps)
+        _shift(params, originals, vector, eps)
+        with same_random_draws(device):
             grad_plus = _grad(current.hypergradient_objective(batch), targets)
-            rewind()
-            _shift(params, originals, vector, -eps)
+        _shift(params, originals, vector, -eps)
+        with same_random_draws(device):
             grad_minus = _grad(current.hypergradient_objective(batch), targets)
     finally:
         _shift(params, originals, [torch.zeros_like(p) for p in params], 0.0)
@@ -342,47 +431,51 @@ def _inner_gradient(current: _Level) -> list[Tensor]:
     return _grad(loss, current.trainable_parameters(), retain_graph=True, create_graph=True)
 
 
-def neumann_product(vector: list[Tensor], current: _Level, previous: _Level) -> list[Tensor]:
-    """``-(∂²L/∂prev∂cur) · H⁻¹ v`` with a truncated Neumann series for ``H⁻¹`` (betty's ``neumann``)."""
-    config = current.config
-    inner = _inner_gradient(current)
-    params = current.trainable_parameters()
-    term, total = list(vector), list(vector)
-    for _ in range(config.neumann_iterations):
-        hvp = _vjp(inner, params, term)
-        term = [t - config.neumann_alpha * h for t, h in zip(term, hvp, strict=True)]
-        total = [t + s for t, s in zip(term, total, strict=True)]
-    total = [config.neumann_alpha * t for t in total]
-    return [-g for g in _vjp(inner, previous.trainable_parameters(), total)]
-
-
 def cg_product(vector: list[Tensor], current: _Level, previous: _Level) -> list[Tensor]:
     """``-(∂²L/∂prev∂cur) · H⁻¹ v`` with ``H⁻¹ v`` from conjugate gradient (betty's ``cg``)."""
-    config = current.config
-    inner = _inner_gradient(current)
-    params = current.trainable_parameters()
+    with second_order_attention():
+        inner = _inner_gradient(current)
+        params = current.trainable_parameters()
+        solution = conjugate_gradient(lambda d: _vjp(inner, params, d), vector, current.config.cg_iterations)
+        return [-g for g in _vjp(inner, previous.trainable_parameters(), solution)]
 
-    def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-        return sum((x * y).sum() for x, y in zip(a, b, strict=True))
+
+def conjugate_gradient(
+    matvec: Callable[[list[Tensor]], list[Tensor]], vector: list[Tensor], iterations: int
+) -> list[Tensor]:
+    """Approximately solve ``H x = v`` by at most ``iterations`` conjugate-gradient steps.
+
+    ``H`` (given as ``matvec``) is a loss Hessian, which away from a minimum need not be
+    positive definite. CG is only valid along directions of positive curvature, so it stops at
+    the first direction with ``dᵀHd ≤ 0`` (truncated CG); if that is the very first one, the
+    identity stands in for ``H⁻¹`` (the ``darts`` approximation) and ``v`` is returned. It also
+    stops once the residual has shrunk by 10⁻⁶.
+    """
+
+    def dot(a: list[Tensor], b: list[Tensor]) -> float:
+        return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
 
     solution = [torch.zeros_like(v) for v in vector]
     residual = [v.clone() for v in vector]
     direction = [v.clone() for v in vector]
-    for _ in range(config.cg_iterations):
-        hvp = [config.cg_alpha * h for h in _vjp(inner, params, direction)]
-        rr = dot(residual, residual)
-        step = rr / dot(hvp, direction).clamp_min(1e-12)
+    rr = first_rr = dot(residual, residual)
+    for iteration in range(iterations):
+        if rr <= 1e-12 * first_rr:
+            break
+        product = matvec(direction)
+        curvature = dot(direction, product)
+        if curvature <= 0:
+            return [v.clone() for v in vector] if iteration == 0 else solution
+        step = rr / curvature
         solution = [x + step * d for x, d in zip(solution, direction, strict=True)]
-        residual = [r - step * h for r, h in zip(residual, hvp, strict=True)]
-        beta = dot(residual, residual) / rr.clamp_min(1e-12)
-        direction = [r + beta * d for r, d in zip(residual, direction, strict=True)]
-    solution = [config.cg_alpha * x for x in solution]
-    return [-g for g in _vjp(inner, previous.trainable_parameters(), solution)]
+        residual = [r - step * h for r, h in zip(residual, product, strict=True)]
+        rr, previous_rr = dot(residual, residual), rr
+        direction = [r + (rr / previous_rr) * d for r, d in zip(residual, direction, strict=True)]
+    return solution
 
 
 JACOBIAN_PRODUCTS: dict[str, Callable[[list[Tensor], _Level, _Level], list[Tensor]]] = {
     "darts": darts_product,
-    "neumann": neumann_product,
     "cg": cg_product,
 }
 
@@ -424,6 +517,16 @@ class MultiLevelOptimizer:
     def step(self, global_step: int) -> None:
         self.engine.step(global_step)
 
+    def request_path_hypergradients(self) -> None:
+        """Compute the mask level's next hypergradient path by path (for diagnostics)."""
+        if self.is_multilevel:
+            self.levels["mask"].split_next_hypergradient = True
+
+    def hypergradient_norms(self) -> dict[str, float]:
+        """Norms of the mask level's latest hypergradient (``total``) and of each path's part
+        from the latest split one (empty before the first)."""
+        return dict(self.levels["mask"].hypergradient_norms) if self.is_multilevel else {}
+
     def step_counts(self) -> dict[str, int]:
         return {name: level.count for name, level in self.levels.items()}
 
@@ -439,6 +542,8 @@ class MultiLevelOptimizer:
                 "ready": list(level.ready),
                 "inner_loop_start": level._inner_loop_start,
                 "last_loss": level.last_loss,
+                "split_next_hypergradient": level.split_next_hypergradient,
+                "hypergradient_norms": dict(level.hypergradient_norms),
             }
             for name, level in self.levels.items()
         }
@@ -449,3 +554,5 @@ class MultiLevelOptimizer:
             level.ready = list(state[name]["ready"])
             level._inner_loop_start = state[name]["inner_loop_start"]
             level.last_loss = state[name]["last_loss"]
+            level.split_next_hypergradient = state[name]["split_next_hypergradient"]
+            level.hypergradient_norms = dict(state[name]["hypergradient_norms"])

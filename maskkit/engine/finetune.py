@@ -19,7 +19,7 @@ from maskkit.engine.context import RunContext
 from maskkit.engine.optim import adamw, cosine_schedule
 from maskkit.errors import TrainingDivergedError
 from maskkit.models import ViTClassifier
-from maskkit.runtime import full_precision
+from maskkit.runtime import full_precision, rng_state, set_rng_state
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Finetuner:
             context.std,
             augment=config.augment,
             seed=context.config.seed * 1000 + 4,
+            cutout=config.cutout,
         )
         self.history: list[dict] = []
         self.running = _Running()
@@ -88,7 +89,7 @@ class Finetuner:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "batches": self.batches.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rng_state(),
             "history": list(self.history),
             "running": vars(self.running).copy(),
             "seconds": seconds,
@@ -101,7 +102,7 @@ class Finetuner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["batches"])
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.history = list(state["history"])
         self.running = _Running(**state["running"])
         self.seconds_before = state["seconds"]
@@ -130,15 +131,14 @@ class Finetuner:
     def _end_of_epoch(self, step: int, seconds: float) -> dict:
         context = self.context
         metrics = context.evaluate(self.model, context.splits.eval)
-        eval_name = context.splits.eval_name
         record = {
             "stage": "finetune",
             "step": step,
             "epoch": round(step / self.per_epoch, 3),
             "train/loss": self.running.loss / max(1, self.running.count),
             "train/accuracy": self.running.correct / max(1, self.running.count),
-            f"{eval_name}/accuracy": metrics["accuracy"],
-            f"{eval_name}/weighted_f1": metrics["weighted_f1"],
+            "val/accuracy": metrics["accuracy"],
+            "val/weighted_f1": metrics["weighted_f1"],
             "lr/finetune": self.optimizer.param_groups[0]["lr"],
             "time": round(seconds, 3),
         }
@@ -157,7 +157,6 @@ class Finetuner:
 
     def run(self) -> FinetuneResult:
         started = epoch_started = time.perf_counter()
-        eval_name = self.context.splits.eval_name
         batch_size = self.context.config.finetune.batch_size
         self.model.train()
         with self.context.progress() as progress:
@@ -172,7 +171,7 @@ class Finetuner:
                     progress.update(
                         task,
                         status=f"epoch {record['epoch']:.1f}  loss {record['train/loss']:.4f}  "
-                        f"{eval_name} acc {record[f'{eval_name}/accuracy']:.4f}  {rate:.0f} img/s",
+                        f"val acc {record['val/accuracy']:.4f}  {rate:.0f} img/s",
                     )
                     epoch_started = time.perf_counter()
         self.model.eval()

@@ -19,6 +19,7 @@ from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.policy import MaskPolicy
 from maskkit.report import plot_confusion_matrix, plot_mask_grid, print_metrics
 from maskkit.rundir import RunDir
+from maskkit.weighting import loss_weighting
 
 
 def _first_available(run: RunDir, pointers: tuple[str, ...]) -> str:
@@ -87,7 +88,10 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
     raw = splits.test.images[indices].to(device)  # [N, C, H, W] uint8
     images = normalize(raw, dataset.mean, dataset.std)
     torch.manual_seed(seed)
-    _, decision, pred = masked_reconstruction(mae, policy, images, config.mask_ratio)
+    reconstruction = masked_reconstruction(
+        mae, policy, images, config.mask_ratio, loss_weighting(config.pretrain.weighting)
+    )
+    decision, pred = reconstruction.decision, reconstruction.pred
     pixels = mae.unpatchify(mae.denormalized_prediction(images, pred.float()))  # [N, C, H, W]
     patch_mask = decision.mask.unsqueeze(-1).expand(-1, -1, mae.config.patch_size**2 * 3)
     mask_image = mae.unpatchify(patch_mask)  # [N, C, H, W], 1 = masked

@@ -1,10 +1,15 @@
 """The three objectives of MLO-MAE, written without any knowledge of betty.
 
-- Level 1, pretrain (E, D): MAE reconstruction with the policy's mask; per-patch loss weighted
-  by the policy's differentiable weights when it gives them (equation 1 of the paper).
+- Level 1, pretrain (E, D): MAE reconstruction with the policy's mask; the policy's weights enter
+  the loss as the run's :class:`~maskkit.weighting.LossWeighting` says (equation 1 of the paper
+  is the ``reference`` weighting).
 - Level 2, finetune (C): cross-entropy of the head on the CLS feature of the unmasked encoder.
 - Level 3, mask (T): cross-entropy of C(E(T)) on held-out data. It does not depend on T
   directly; its gradient reaches T only through the hypergradient.
+
+Each lower level also offers its loss as a function of its own parameters for the ``darts``
+hypergradient product: a part computed once (``*_pair``) and the loss at given parameters
+(``*_loss_at``), which the product differentiates in forward mode or evaluates at ±εv.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,34 +29,79 @@ from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, validate_decision
 from maskkit.runtime import full_precision
+from maskkit.weighting import LossWeighting
 
 Batch = tuple[Tensor, Tensor]  # images [B, C, H, W], labels [B]
 
 
-def masked_reconstruction(
-    mae: MaskedAutoencoderViT, policy: MaskPolicy, images: Tensor, mask_ratio: float
-) -> tuple[Tensor, MaskDecision, Tensor]:
-    """Mask with ``policy``, reconstruct, and return ``(loss, decision, pred)``.
+@dataclass
+class Reconstruction:
+    """One masked reconstruction.
 
-    ``loss = Σ_j err_j · w_j · m_j / Σ_j m_j`` over masked patches ``m_j = 1``, where ``err_j``
-    is the per-patch norm-pix MSE and ``w_j`` the policy's weight (1 when it gives none).
-    ``pred`` is ``[B, L, p·p·C]``.
+    Attributes:
+        loss: the weighted pretrain loss (a scalar).
+        decision: the policy's decision.
+        pred: ``[B, L, p·p·C]`` pixel predictions.
+        error: ``[B, L]`` per-patch norm-pix error, unweighted.
+    """
+
+    loss: Tensor
+    decision: MaskDecision
+    pred: Tensor
+    error: Tensor
+
+    def detached(self) -> Reconstruction:
+        """A copy without graphs, to keep for diagnostics."""
+        weights = self.decision.weights
+        decision = replace(self.decision, weights=None if weights is None else weights.detach())
+        return Reconstruction(self.loss.detach(), decision, self.pred.detach(), self.error.detach())
+
+
+def decide(
+    mae: MaskedAutoencoderViT,
+    policy: MaskPolicy,
+    images: Tensor,
+    mask_ratio: float,
+    weighting: LossWeighting,
+) -> tuple[Tensor, MaskBatch, MaskDecision]:
+    """Embed ``images`` and let ``policy`` decide.
+
+    Returns ``(tokens, batch, decision)``: the ``[B, L, D]`` tokens with their graph into E, the
+    batch the policy saw (tokens as the weighting lets it see them), and its checked decision.
     """
     tokens = mae.embed(images)  # [B, L, D]
     if not bool(torch.isfinite(tokens).all()):
         # Checked before the policy sees them: non-finite tokens would otherwise surface as a
         # "malformed decision" of a policy that did nothing wrong.
         raise TrainingDivergedError("the patch embeddings became non-finite")
-    batch = MaskBatch(images=images, tokens=tokens, mask_ratio=mask_ratio)
+    batch = MaskBatch(images=images, tokens=weighting.policy_tokens(tokens), mask_ratio=mask_ratio)
     decision = policy(batch)
     validate_decision(decision, batch, policy.name)
+    return tokens, batch, decision
+
+
+def masked_reconstruction(
+    mae: MaskedAutoencoderViT,
+    policy: MaskPolicy,
+    images: Tensor,
+    mask_ratio: float,
+    weighting: LossWeighting,
+) -> Reconstruction:
+    """Mask with ``policy``, reconstruct, and weight the per-patch error by ``weighting``."""
+    tokens, _, decision = decide(mae, policy, images, mask_ratio, weighting)
     latent = mae.encode(tokens, decision.ids_keep)  # [B, 1 + K, D]
     pred = mae.decode(latent, decision.ids_restore)  # [B, L, p·p·C]
     error = mae.reconstruction_error(images, pred)  # [B, L]
-    if decision.weights is not None:
-        error = error * full_precision(decision.weights)
-    loss = (error * decision.mask).sum() / decision.mask.sum()
-    return loss, decision, pred
+    weights = None if decision.weights is None else full_precision(decision.weights)
+    loss = weighting.loss(error, decision.mask, weights)
+    return Reconstruction(loss=loss, decision=decision, pred=pred, error=error)
+
+
+@dataclass
+class _PretrainPair:
+    images: Tensor
+    decision: MaskDecision
+    weights: Tensor | None  # [B, L] with graph into T, or None when they follow E (reference)
 
 
 @dataclass
@@ -60,6 +110,9 @@ class MLOObjectives:
 
     ``counts`` tallies forward evaluations by ``"<level>/<purpose>"`` so the cost per MLO
     iteration can be reported (``purpose`` is ``step`` or ``hypergradient``).
+    ``class_weights`` (``[classes]`` or None) make the level-2 and level-3 cross-entropies
+    class-balanced. ``last_pretrain`` holds the latest pretrain step's reconstruction (detached) and
+    ``last_regularizer`` the policy's latest level-3 penalty (folded into the mask loss).
     """
 
     mae: MaskedAutoencoderViT
@@ -67,19 +120,54 @@ class MLOObjectives:
     head: ClassifierHead | None
     mask_ratio: float
     autocast: Callable
+    weighting: LossWeighting
+    class_weights: Tensor | None = None
     counts: Counter = field(default_factory=Counter)
+    last_pretrain: Reconstruction | None = None
+    last_regularizer: Tensor | None = None
 
     def _precision(self, purpose: str) -> contextlib.AbstractContextManager:
         """bf16 autocast for the levels' own steps; fp32 for the finite-difference evaluations of
         the hypergradient, whose ±εv weight perturbations bf16 would round away."""
         return contextlib.nullcontext() if purpose == "hypergradient" else self.autocast()
 
+    # --- level 1 ---------------------------------------------------------------------------
     def pretrain_loss(self, batch: Batch, purpose: str = "step") -> Tensor:
         self.counts[f"pretrain/{purpose}"] += 1
         with self._precision(purpose):
-            loss, _, _ = masked_reconstruction(self.mae, self.policy, batch[0], self.mask_ratio)
-        return loss
+            result = masked_reconstruction(self.mae, self.policy, batch[0], self.mask_ratio, self.weighting)
+        if purpose == "step":
+            self.last_pretrain = result.detached()
+        return result.loss
 
+    def pretrain_pair(self, batch: Batch) -> _PretrainPair:
+        """What both sides of a ±εv pair on E share: one mask decision (a decision flipping
+        between the sides would be a jump, not a derivative) and, unless the weights follow E,
+        the weights with their graph into T."""
+        images = batch[0]
+        with torch.no_grad():
+            tokens = self.mae.embed(images)
+        mask_batch = MaskBatch(images=images, tokens=tokens, mask_ratio=self.mask_ratio)
+        decision = self.policy(mask_batch)
+        validate_decision(decision, mask_batch, self.policy.name)
+        weights = None if self.weighting.policy_reads_encoder else decision.weights
+        return _PretrainPair(images, decision, weights)
+
+    def pretrain_loss_at(self, pair: _PretrainPair, params: dict[str, Tensor]) -> Tensor:
+        """The pretrain loss at MAE weights ``params`` (detached) under the pair's decision: the
+        only graph it builds is the weights' (into T), all the product needs."""
+        self.counts["pretrain/hypergradient"] += 1
+        decision = pair.decision
+        inputs = (pair.images, decision.ids_keep, decision.ids_restore)
+        tokens, pred = functional_call(self.mae, params, inputs)
+        error = self.mae.reconstruction_error(pair.images, pred)
+        weights = pair.weights
+        if self.weighting.policy_reads_encoder:
+            mask_batch = MaskBatch(images=pair.images, tokens=tokens, mask_ratio=self.mask_ratio)
+            weights = self.policy(mask_batch).weights
+        return self.weighting.loss(error, decision.mask, weights)
+
+    # --- levels 2 and 3 ----------------------------------------------------------------------
     def features(self, images: Tensor) -> Tensor:
         """CLS features of the unmasked encoder ``[B, D]`` (graph kept into E)."""
         with self.autocast():
@@ -94,7 +182,7 @@ class MLOObjectives:
                 logits = self.head(features)
             else:
                 logits = functional_call(self.head, head_params, (features,))
-            return F.cross_entropy(full_precision(logits), labels)
+            return F.cross_entropy(full_precision(logits), labels, weight=self.class_weights)
 
     def finetune_loss(self, batch: Batch) -> Tensor:
         """Level 2's own step needs gradients for C only, so E runs without a graph."""
@@ -104,10 +192,19 @@ class MLOObjectives:
             features = self.features(images)
         return self.head_loss(features, labels)
 
-    def finetune_trunk(self, batch: Batch) -> Tensor:
-        """Level 2's features with the graph into E, for the hypergradient."""
+    def finetune_pair(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Level 2's features with the graph into E, once per ±εv pair (which perturbs C only)."""
         self.counts["finetune/hypergradient"] += 1
-        return self.features(batch[0])
+        return self.features(batch[0]), batch[1]
+
+    def finetune_loss_at(self, pair: tuple[Tensor, Tensor], params: dict[str, Tensor]) -> Tensor:
+        features, labels = pair
+        return self.head_loss(features, labels, params)
+
+    def finetune_hypergradient_loss(self, batch: Batch) -> Tensor:
+        """Level 2's loss with its graph into E (for ``cg``)."""
+        features, labels = self.finetune_pair(batch)
+        return self.head_loss(features, labels)
 
     def mask_loss(self, batch: Batch) -> Tensor:
         """Level 3: validation cross-entropy of C(E(T)), plus the policy's regulariser if any."""
@@ -116,11 +213,15 @@ class MLOObjectives:
         loss = self.head_loss(self.features(images), labels)
         if type(self.policy).regularizer is not MaskPolicy.regularizer:
             with self.autocast():
-                tokens = self.mae.embed(images)
+                # The penalty is a term in T alone: its gradient must not leak into E's seed.
+                with torch.no_grad():
+                    tokens = self.mae.embed(images)
                 mask_batch = MaskBatch(images=images, tokens=tokens, mask_ratio=self.mask_ratio)
                 decision = self.policy(mask_batch)
                 validate_decision(decision, mask_batch, self.policy.name)
                 penalty = self.policy.regularizer(decision, mask_batch)
             if penalty is not None:
-                loss = loss + full_precision(penalty)
+                penalty = full_precision(penalty)
+                self.last_regularizer = penalty.detach()
+                loss = loss + penalty
         return loss

@@ -16,12 +16,15 @@ import torch
 
 from maskkit.checkpoint import Checkpoint, save_checkpoint
 from maskkit.data import DeviceBatches
-from maskkit.engine.betty_glue import LevelSpec, MultiLevelOptimizer
+from maskkit.engine.betty_glue import FunctionalLoss, LevelSpec, MultiLevelOptimizer
 from maskkit.engine.context import RunContext
+from maskkit.engine.diagnostics import mask_statistics, split_mask_statistics
 from maskkit.engine.objectives import MLOObjectives
 from maskkit.engine.optim import adamw_from_config, cosine_schedule
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.policy import MaskPolicy
+from maskkit.runtime import rng_state, set_rng_state
+from maskkit.weighting import loss_weighting
 
 
 def pretrain_steps(context: RunContext) -> int:
@@ -40,6 +43,7 @@ class PretrainResult:
     seconds: float
     best_eval_accuracy: float | None = None
     evaluations: list[dict] = field(default_factory=list)
+    mask_statistics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,12 +58,15 @@ class Pretrainer:
     def __post_init__(self) -> None:
         config, device = self.context.config, self.context.device
         self.total_steps = pretrain_steps(self.context)
+        self.weighting = loss_weighting(config.pretrain.weighting)
         self.objectives = MLOObjectives(
             mae=self.mae,
             policy=self.policy,
             head=self.head,
             mask_ratio=config.mask_ratio,
             autocast=self.context.autocast,
+            weighting=self.weighting,
+            class_weights=self._class_weights() if config.pretrain.class_balanced else None,
         )
         self.batches = {
             "pretrain": self._batches(self.context.splits.pretrain, config.pretrain.pretrain.batch_size, 1),
@@ -81,6 +88,13 @@ class Pretrainer:
         self.start_step = 0
         self.seconds_before = 0.0
         self._started = time.perf_counter()
+
+    def _class_weights(self) -> torch.Tensor:
+        """Inverse class frequencies of the finetune split, ``[classes]``, mean 1 over samples."""
+        labels = self.context.splits.finetune.labels
+        counts = torch.bincount(labels, minlength=self.context.dataset.num_classes).float()
+        weights = len(labels) / (counts.clamp_min(1) * len(counts))
+        return weights.to(self.context.device)
 
     def _batches(self, split, batch_size: int, stream: int) -> DeviceBatches:
         config = self.context.config
@@ -114,6 +128,7 @@ class Pretrainer:
             next_batch=self.batches["pretrain"].next,
             loss=self.objectives.pretrain_loss,
             hypergradient_loss=lambda batch: self.objectives.pretrain_loss(batch, "hypergradient"),
+            functional=FunctionalLoss(self.objectives.pretrain_pair, self.objectives.pretrain_loss_at),
             unroll_steps=level.unroll_steps,
             **self._hypergradient_settings(),
         )
@@ -129,8 +144,8 @@ class Pretrainer:
             scheduler=cosine_schedule(optimizer, self.level_steps("finetune")),
             next_batch=self.batches["finetune"].next,
             loss=objectives.finetune_loss,
-            trunk=objectives.finetune_trunk,
-            head_loss=lambda features, batch, params: objectives.head_loss(features, batch[1], params),
+            hypergradient_loss=objectives.finetune_hypergradient_loss,
+            functional=FunctionalLoss(objectives.finetune_pair, objectives.finetune_loss_at),
             unroll_steps=level.unroll_steps,
             **self._hypergradient_settings(),
         )
@@ -154,10 +169,8 @@ class Pretrainer:
         return {
             "hypergradient": mask.hypergradient,
             "darts_alpha": mask.darts_alpha,
-            "neumann_iterations": mask.neumann_iterations,
-            "neumann_alpha": mask.neumann_alpha,
+            "darts_mode": mask.darts_mode,
             "cg_iterations": mask.cg_iterations,
-            "cg_alpha": mask.cg_alpha,
         }
 
     # --- state ------------------------------------------------------------------------------
@@ -176,10 +189,7 @@ class Pretrainer:
             "optimizers": {name: level.optimizer.state_dict() for name, level in levels.items()},
             "schedulers": {name: level.scheduler.state_dict() for name, level in levels.items()},
             "batches": {name: batches.state_dict() for name, batches in self.batches.items()},
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
             "best_accuracy": self.best_accuracy,
             "evaluation_counts": dict(self.objectives.counts),
             "evaluations": list(self.evaluations),
@@ -193,9 +203,7 @@ class Pretrainer:
         for name, batches in self.batches.items():
             batches.load_state_dict(state["batches"][name])
         self.mlo.load_state_dict(state["mlo"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
         self.best_accuracy = state["best_accuracy"]
         self.objectives.counts.clear()
         self.objectives.counts.update(state["evaluation_counts"])
@@ -228,6 +236,8 @@ class Pretrainer:
         started = self._started = time.perf_counter()
         window_start, window_steps = started, 0
         title = "MLO pretrain" if self.mlo.is_multilevel else "MAE pretrain"
+        if self.start_step == 0:  # a resumed run carries the request in its saved state
+            self.mlo.request_path_hypergradients()
         with context.progress() as progress:
             task = progress.add_task(title, total=self.total_steps, completed=self.start_step, status="")
             for step in range(self.start_step + 1, self.total_steps + 1):
@@ -240,19 +250,14 @@ class Pretrainer:
                     window_start, window_steps = now, 0
                     record = self._log_record(step, rate, now - started)
                     context.run.log(record)
-                    losses = "  ".join(
-                        f"{key.split('/')[1]} {value:.4f}"
-                        for key, value in record.items()
-                        if key.startswith("loss/")
-                    )
-                    latest = self.evaluations[-1]["accuracy"] if self.evaluations else None
-                    shown = f"  {context.splits.eval_name} acc {latest:.3f}" if latest is not None else ""
-                    progress.update(task, status=f"{losses}  {rate:.0f} img/s{shown}")
+                    self.mlo.request_path_hypergradients()
+                    progress.update(task, status=self._status(record, rate))
                 pointers = ("last",)
                 if self.mlo.is_multilevel and (step % eval_every == 0 or step == self.total_steps):
                     pointers = self._evaluate_and_log(step, progress)
                 if step % checkpoint_every == 0 or step == self.total_steps or len(pointers) > 1:
                     self.save(step, pointers)
+        final_masks = self._final_mask_statistics()
         self.save(self.total_steps, ("last", "pretrained"))
         return PretrainResult(
             steps=self.total_steps,
@@ -261,27 +266,60 @@ class Pretrainer:
             seconds=self.seconds_before + time.perf_counter() - started,
             best_eval_accuracy=self.best_accuracy,
             evaluations=list(self.evaluations),
+            mask_statistics=final_masks,
         )
 
+    def _status(self, record: dict, rate: float) -> str:
+        """The progress bar's status: the level losses, mask health, throughput, val accuracy."""
+        losses = {key.split("/")[1]: value for key, value in record.items() if key.startswith("loss/")}
+        parts = [f"{name} {value:.4f}" for name, value in losses.items()]
+        if "mask/prob_masked" in record:
+            parts.append(f"p(masked) {record['mask/prob_masked']:.2f}")
+        parts.append(f"{rate:.0f} img/s")
+        if self.evaluations:
+            parts.append(f"val acc {self.evaluations[-1]['accuracy']:.3f}")
+        return "  ".join(parts)
+
+    def _final_mask_statistics(self) -> dict[str, float]:
+        """Mask statistics of the final policy over the val split, for the summary."""
+        context = self.context
+        stats = split_mask_statistics(
+            self.mae,
+            self.policy,
+            context.splits.eval,
+            context.config.mask_ratio,
+            self.weighting,
+            context.config.data.eval_batch_size,
+            context.mean,
+            context.std,
+            context.autocast,
+        )
+        shown = ", ".join(f"{key} {value:.3f}" for key, value in stats.items())
+        context.console.print(f"mask statistics on the val split at the end of pretraining: {shown}")
+        return stats
+
     def _evaluate_and_log(self, step: int, progress) -> tuple[str, ...]:
-        """Accuracy of E + the level-2 head on the eval split; returns the checkpoint pointers to set."""
-        eval_name = self.context.splits.eval_name
+        """Accuracy of E + the level-2 head on the val split, beside the majority-class rate
+        (a head at that rate gives the mask level little signal); returns the pointers to set."""
         metrics = self.evaluate()
         accuracy = metrics["accuracy"]
+        majority = majority_rate(self.context.splits.eval.labels)
         self.evaluations.append({"step": step, "accuracy": accuracy, "weighted_f1": metrics["weighted_f1"]})
         self.context.run.log(
             {
                 "stage": "pretrain",
                 "step": step,
-                f"{eval_name}/accuracy": accuracy,
-                f"{eval_name}/weighted_f1": metrics["weighted_f1"],
+                "val/accuracy": accuracy,
+                "val/weighted_f1": metrics["weighted_f1"],
+                "val/majority_rate": majority,
             }
         )
         improved = self.best_accuracy is None or accuracy > self.best_accuracy
         if improved:
             self.best_accuracy = accuracy
         progress.console.log(
-            f"step {step}: {eval_name} accuracy {accuracy:.4f} (best {self.best_accuracy:.4f})"
+            f"step {step}: level-2 val accuracy {accuracy:.4f} (best {self.best_accuracy:.4f}, "
+            f"majority class {majority:.4f})"
         )
         return ("last", "best") if improved else ("last",)
 
@@ -290,7 +328,20 @@ class Pretrainer:
         for name, loss in self.mlo.last_losses().items():
             if loss is not None:
                 record[f"loss/{name}"] = loss
+        if self.objectives.last_pretrain is not None:
+            latest = self.objectives.last_pretrain
+            for key, value in mask_statistics(latest.decision, latest.error).items():
+                record[key] = float(value)
+        if self.objectives.last_regularizer is not None:
+            record["loss/mask_regularizer"] = float(self.objectives.last_regularizer)
+        for path, norm in self.mlo.hypergradient_norms().items():
+            record[f"hypergradient/{path}_norm"] = norm
         for name, level in self.mlo.levels.items():
             record[f"lr/{name}"] = level.optimizer.param_groups[0]["lr"]
         record["images_per_s"] = round(images_per_s, 2)
         return record
+
+
+def majority_rate(labels: torch.Tensor) -> float:
+    """Share of the most frequent class in ``labels [N]``: the accuracy of a constant guess."""
+    return float(torch.bincount(labels).max()) / max(1, len(labels))

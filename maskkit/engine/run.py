@@ -27,7 +27,7 @@ from maskkit.plugins import create_policy, policy_info
 from maskkit.policy import MaskPolicy, PolicyContext
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
 from maskkit.rundir import RunDir, atomic_write_text
-from maskkit.runtime import device_description, seed_everything, select_device
+from maskkit.runtime import device_description, seed_everything, select_device, tune_cpu_runtime
 
 
 def policy_context(model: MaskedAutoencoderViT) -> PolicyContext:
@@ -52,17 +52,32 @@ def build_models(
     return mae, policy, head
 
 
+# Keeps the stage-2 head's draw apart from the models' (seeded with the seed itself).
+STAGE2_HEAD_SEED_OFFSET = 7919
+
+
+def stage2_head(config: RunConfig, num_classes: int, device: torch.device) -> ClassifierHead:
+    """The head stage 2 starts from: fresh, and seeded by the run's seed alone, so every policy
+    fine-tunes from the very same head (as the reference does, with a fresh head)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + STAGE2_HEAD_SEED_OFFSET)
+        head = ClassifierHead(config.model.embed_dim, num_classes, config.finetune.head_dropout)
+    return head.to(device)
+
+
 def prepare(config: RunConfig, console: Console) -> tuple[torch.device, LabelledDataset, MLOSplits]:
     """Everything that can fail on user input, done before a run dir is created."""
     policy_info(config.policy)
     device = select_device(config.device)
+    if device.type == "cpu":
+        tune_cpu_runtime()
     data_dir = config.data.data_dir or default_data_dir()
     dataset = load_dataset(
         config.data.dataset, data_dir, image_size=config.model.img_size, download=config.data.download
     )
     if config.data.subset is not None:
         dataset = limit_dataset(dataset, config.data.subset)
-    splits = make_splits(dataset, config.data.train_portion, config.data.mask_source)
+    splits = make_splits(dataset, config.data.train_portion, config.data.mask_source, config.data.val_portion)
     return device, dataset, splits
 
 
@@ -169,8 +184,8 @@ def _execute(
             pretrainer = Pretrainer(context, mae, policy, head if policy.learnable else None)
             if resume is not None:
                 pretrainer.resume_from(resume)
-            pretrain_summary = _pretrain_summary(pretrainer.run(), context.splits.eval_name)
-        classifier = ViTClassifier(mae, head)
+            pretrain_summary = _pretrain_summary(pretrainer.run())
+        classifier = ViTClassifier(mae, stage2_head(config, context.dataset.num_classes, context.device))
         finetuner = Finetuner(
             context, classifier, step_offset=pretrain_summary["steps"], carry={"pretrain": pretrain_summary}
         )
@@ -191,14 +206,15 @@ def _resume_position(resume: Checkpoint | None) -> tuple[str, int] | None:
     return resume.state["stage"], resume.state["step"]
 
 
-def _pretrain_summary(result: PretrainResult, eval_name: str) -> dict:
+def _pretrain_summary(result: PretrainResult) -> dict:
     return {
         "steps": result.steps,
         "level_steps": result.level_steps,
         "evaluation_counts": result.evaluation_counts,
         "seconds": round(result.seconds, 2),
-        f"best_{eval_name}_accuracy": result.best_eval_accuracy,
+        "best_val_accuracy": result.best_eval_accuracy,
         "evaluations": result.evaluations,
+        "mask_statistics": result.mask_statistics,
     }
 
 

@@ -153,6 +153,21 @@ class MaskedAutoencoderViT(nn.Module):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return ((full_precision(pred) - full_precision(target)) ** 2).mean(dim=-1)
 
+    def forward(self, images: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> tuple[Tensor, Tensor]:
+        """Reconstruct ``images`` under a mask decided elsewhere.
+
+        Args:
+            images: ``[B, C, H, W]``.
+            ids_keep: ``[B, K]`` the tokens the encoder sees.
+            ids_restore: ``[B, L]`` the matching restore permutation.
+
+        Returns:
+            ``(tokens [B, L, D], pred [B, L, p·p·C])``: the patch tokens a policy reads, and the
+            pixel predictions. ``torch.func.functional_call`` evaluates it at other weights.
+        """
+        tokens = self.embed(images)
+        return tokens, self.decode(self.encode(tokens, ids_keep), ids_restore)
+
     def features(self, images: Tensor) -> Tensor:
         """CLS feature of the unmasked encoder: ``[B, C, H, W]`` → ``[B, D]``."""
         return self.encode(self.embed(images))[:, 0]

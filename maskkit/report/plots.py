@@ -30,6 +30,23 @@ MASK_GRID_TITLES: tuple[str, ...] = ("original", "masked", "reconstruction", "ma
 # Keys of a metrics.jsonl row that are bookkeeping, not metrics.
 NON_METRIC_KEYS = frozenset({"step", "epoch", "stage", "time", "timestamp", "wall_time"})
 LR_PREFIX = "lr/"
+# Keys read together share a panel: (panel title, keys or a key prefix ending in "/").
+SHARED_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("learning rate", (LR_PREFIX,)),
+    ("hypergradient norm (log scale)", ("hypergradient/",)),
+    ("mask probability: all, masked, kept patches", ("mask/prob_mean", "mask/prob_masked", "mask/prob_kept")),
+    ("pretrain loss (weighted) and masked-patch error", ("loss/pretrain", "pretrain/masked_error")),
+    ("val accuracy and the majority-class rate", ("val/accuracy", "val/majority_rate")),
+)
+LOG_SCALE_PANELS = frozenset({"hypergradient norm (log scale)"})
+
+
+def panel_of(key: str) -> str:
+    """The panel a metric is drawn in: a shared one from :data:`SHARED_PANELS`, or its own."""
+    for title, members in SHARED_PANELS:
+        if any(key == m or (m.endswith("/") and key.startswith(m)) for m in members):
+            return title
+    return key
 
 
 def _save(fig: Figure, path: Path | str, dpi: int) -> Path:
@@ -163,9 +180,9 @@ def _collect_series(
 ) -> dict[str, dict[tuple[str, str], list[tuple[float, float]]]]:
     """Group records into panels: panel name -> (stage, key) -> [(step, value), ...].
 
-    Every numeric key is its own panel, except the ``lr/*`` keys, which share the panel
-    ``"learning rate"``. Panels keep the order in which their first key appears. A row without
-    ``step`` gets the count of rows seen so far in its stage.
+    Every numeric key is its own panel, except those :func:`panel_of` groups (all ``lr/*``
+    keys share ``"learning rate"``, for example). Panels keep the order in which their first key
+    appears. A row without ``step`` gets the count of rows seen so far in its stage.
     """
     panels: dict[str, dict[tuple[str, str], list[tuple[float, float]]]] = {}
     seen_per_stage: dict[str, int] = {}
@@ -178,7 +195,7 @@ def _collect_series(
         for key, value in row.items():
             if key in NON_METRIC_KEYS or not _is_number(value):
                 continue
-            panel = "learning rate" if key.startswith(LR_PREFIX) else key
+            panel = panel_of(key)
             panels.setdefault(panel, {}).setdefault((stage, key), []).append((x, float(value)))
     return panels
 
@@ -194,7 +211,9 @@ def plot_training_curves(
 
     Rows carry ``stage`` and ``step`` plus any numeric keys; keys missing from some rows are
     fine. ``step``, ``epoch``, ``stage``, ``time``/``timestamp``/``wall_time`` and non-numeric
-    values are not plotted; all ``lr/*`` keys share one "learning rate" subplot. Subplots are laid
+    values are not plotted; keys read together share a subplot (:data:`SHARED_PANELS`: the
+    learning rates, the hypergradient norms on a log scale, the mask probabilities, the weighted
+    loss beside the masked-patch error, val accuracy beside the majority rate). Subplots are laid
     out in a grid of at most 3 columns. An empty list (or one without numeric metrics) gives a
     figure that says so.
 
@@ -224,7 +243,7 @@ def plot_training_curves(
             points.sort(key=lambda p: p[0])
             xs = [p[0] for p in points]
             ys = [p[1] for p in points]
-            if panel == "learning rate":
+            if panel != key:
                 label = key if len(stages) == 1 else f"{key} ({stage})"
             else:
                 label = stage
@@ -232,7 +251,9 @@ def plot_training_curves(
         ax.set_title(panel, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
-        if panel == "learning rate":
+        if panel in LOG_SCALE_PANELS and all(y > 0 for points in series.values() for _, y in points):
+            ax.set_yscale("log")
+        elif panel == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.legend(fontsize=8, loc="best")
     for ax in list(axes.flat)[len(panels) :]:

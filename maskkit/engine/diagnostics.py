@@ -1,0 +1,82 @@
+"""What a user needs to see whether a learned mask is healthy: statistics of mask decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from maskkit.data import ImageSplit, iterate_eval
+from maskkit.engine.objectives import masked_reconstruction
+from maskkit.models.mae import MaskedAutoencoderViT
+from maskkit.policy import MaskDecision, MaskPolicy
+from maskkit.weighting import LossWeighting
+
+
+def mask_statistics(decision: MaskDecision, error: Tensor | None = None) -> dict[str, Tensor]:
+    """What a user needs to see whether a learned mask is healthy, as 0-d tensors.
+
+    - ``mask/prob_mean``, ``mask/prob_std``: mean and spread of the policy's weights (the mask
+      probability) over all patches; ``mask/prob_masked``, ``mask/prob_kept``: their mean over
+      the masked and the kept patches (only when the policy gives weights).
+    - ``mask/position_variety``: how much the masked positions differ between images: the
+      variance of each position's masked share across the batch, over its value under
+      uniformly random masks (about 1 for random masks, 0 when every image gets the same mask).
+    - ``pretrain/masked_error``: the unweighted mean error of the masked patches, to read
+      beside the weighted loss.
+    """
+    mask = decision.mask.float()  # [B, L]
+    batch_size = mask.shape[0]
+    stats: dict[str, Tensor] = {}
+    weights = decision.weights
+    if weights is not None:
+        weights = weights.detach().float()
+        stats["mask/prob_mean"] = weights.mean()
+        stats["mask/prob_std"] = weights.std()
+        stats["mask/prob_masked"] = (weights * mask).sum() / mask.sum()
+        stats["mask/prob_kept"] = (weights * (1 - mask)).sum() / (1 - mask).sum().clamp_min(1)
+    if batch_size > 1:
+        ratio = mask.mean()
+        share = mask.mean(dim=0)  # [L], each position's masked share
+        variance = (share * (1 - share)).mean() * batch_size / (batch_size - 1)
+        stats["mask/position_variety"] = variance / (ratio * (1 - ratio)).clamp_min(1e-12)
+    if error is not None:
+        stats["pretrain/masked_error"] = (error.detach() * mask).sum() / mask.sum()
+    return stats
+
+
+@torch.no_grad()
+def split_mask_statistics(
+    mae: MaskedAutoencoderViT,
+    policy: MaskPolicy,
+    split: ImageSplit,
+    mask_ratio: float,
+    weighting: LossWeighting,
+    batch_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    autocast: Callable,
+) -> dict[str, float]:
+    """:func:`mask_statistics` of ``policy``'s decisions over a whole split (un-augmented, the
+    modules in eval mode), with the reconstruction error of the masked patches."""
+    device = next(mae.parameters()).device
+    modes = (mae.training, policy.training)
+    mae.eval()
+    policy.eval()
+    masks, weights, errors = [], [], []
+    try:
+        for images, _ in iterate_eval(split, batch_size, device, mean, std):
+            with autocast():
+                result = masked_reconstruction(mae, policy, images, mask_ratio, weighting)
+            masks.append(result.decision.mask.float())
+            errors.append(result.error.float())
+            if result.decision.weights is not None:
+                weights.append(result.decision.weights.float())
+    finally:
+        mae.train(modes[0])
+        policy.train(modes[1])
+    mask = torch.cat(masks)
+    ids = torch.zeros(mask.shape[0], 0, dtype=torch.int64)
+    decision = MaskDecision(ids, ids, mask, torch.cat(weights) if weights else None)
+    return {key: float(value) for key, value in mask_statistics(decision, torch.cat(errors)).items()}
