@@ -3,7 +3,9 @@
 A policy sees a :class:`MaskBatch` (images and their patch tokens) and returns a
 :class:`MaskDecision`: which patches the encoder keeps, how to restore the order, the binary
 mask and, optionally, a differentiable per-patch weight for the reconstruction loss. The last
-is how a learnable policy receives gradient in the MLO loop (equation 1 of the MLO-MAE paper).
+is how a learnable policy receives gradient in the MLO loop (equation 1 of the MLO-MAE paper);
+how the weights enter the pretrain loss, and what gradient reaches what, is decided in one place:
+:mod:`maskkit.weighting`.
 
 Every policy turns its per-patch scores into a decision with :func:`decision_from_scores`, and
 every decision is checked by :func:`validate_decision` before the model sees it.
@@ -46,7 +48,9 @@ class MaskBatch:
 
     Attributes:
         images: ``[B, C, H, W]`` normalised images.
-        tokens: ``[B, L, D]`` patch embeddings with position embeddings added.
+        tokens: ``[B, L, D]`` patch embeddings with position embeddings added, patches in
+            row-major order over the grid. Detached from the MAE unless the run's weighting is
+            ``reference`` (then the pretrain loss also reaches the MAE through the policy).
         mask_ratio: fraction r of patches to mask; ``num_keep = int(L * (1 - r))``.
         priors: per-patch importance maps by name, each ``[B, L]`` (empty unless required).
     """
@@ -73,7 +77,10 @@ class MaskDecision:
         ids_keep: ``[B, K]`` int64 indices of the patches the encoder sees.
         ids_restore: ``[B, L]`` int64 permutation that puts ``[kept ++ masked]`` back in order.
         mask: ``[B, L]`` float, 1 = masked (reconstructed), 0 = kept.
-        weights: ``[B, L]`` differentiable per-patch reconstruction-loss weights, or None.
+        weights: ``[B, L]`` differentiable per-patch reconstruction-loss weights, or None. They
+            enter the pretrain loss as the run's ``pretrain.weighting`` says
+            (:mod:`maskkit.weighting`); for a learnable policy they are the only way the
+            hypergradient reaches its parameters.
         scores: ``[B, L]`` the scores behind the decision, for plots (detached), or None.
     """
 

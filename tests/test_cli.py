@@ -63,6 +63,21 @@ def test_smoke_run_writes_a_complete_run_dir(smoke_run):
     records = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     assert {record["stage"] for record in records} == {"pretrain", "finetune"}
     assert any("loss/mask" in record for record in records)
+    # What a user needs to see whether the learned mask is healthy (logged and plotted).
+    logged = set().union(*records)
+    assert {
+        "mask/prob_masked",
+        "mask/prob_kept",
+        "mask/prob_std",
+        "mask/position_variety",
+        "pretrain/masked_error",
+        "hypergradient/total_norm",
+        "hypergradient/pretrain_norm",
+        "hypergradient/finetune-pretrain_norm",
+        "val/majority_rate",
+    } <= logged
+    final_masks = summary["pretrain"]["mask_statistics"]
+    assert 0 < final_masks["mask/prob_masked"] < 1 and final_masks["mask/position_variety"] >= 0
     pretrained = json.loads((smoke_run / "checkpoints" / "pretrained.json").read_text())["dir"]
     weights = load_file(smoke_run / "checkpoints" / pretrained / "policy.safetensors")
     assert weights and all(tensor.numel() > 0 for tensor in weights.values())

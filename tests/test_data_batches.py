@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from maskkit.data import DeviceBatches, ImageSplit, crop_flip, iterate_eval, normalize
+from maskkit.data import DeviceBatches, ImageSplit, crop_flip, cutout, iterate_eval, normalize
 from maskkit.errors import DataError
 
 MEAN = (0.5, 0.4, 0.3)
@@ -198,3 +198,22 @@ def test_cuda_batches_equal_cpu_batches(augment: str) -> None:
             assert torch.equal(xc, xg.cpu())
         else:  # RandAugment's float kernels may round differently on the GPU
             assert (xc - xg.cpu()).abs().max() < 0.1
+
+
+def test_cutout_zeroes_one_square_clipped_at_the_border() -> None:
+    images = torch.ones(2, 3, 8, 8)
+    out = cutout(images, torch.tensor([5, 0]), torch.tensor([5, 0]), size=4)
+    assert torch.equal(out[0, :, 3:7, 3:7], torch.zeros(3, 4, 4))
+    assert int((out[0] == 0).sum()) == 3 * 16
+    assert torch.equal(out[1, :, :2, :2], torch.zeros(3, 2, 2))  # centred on the corner: clipped
+    assert int((out[1] == 0).sum()) == 3 * 4
+    assert torch.equal(images, torch.ones(2, 3, 8, 8))  # the input is left alone
+
+
+def test_batches_with_cutout_zero_a_square_in_every_image() -> None:
+    split = _split(16)
+    plain = DeviceBatches(split, 8, "cpu", MEAN, STD, augment="none", seed=3).next()[0]
+    holed = DeviceBatches(split, 8, "cpu", MEAN, STD, augment="none", seed=3, cutout=4).next()[0]
+    zeroed = (holed == 0) & (plain != 0)
+    assert all(int(zeroed[i].sum()) >= 3 * 4 for i in range(8))  # at least the clipped 2×2
+    assert torch.equal(holed[~zeroed], plain[~zeroed])

@@ -315,6 +315,10 @@ def test_merged_paths_give_the_same_hypergradient_as_split_ones(tmp_path):
     merged = _flat(merged_pretrainer.mlo.levels["mask"].last_hypergradient)
     assert merged_pretrainer.mlo.levels["mask"].last_path_hypergradients == {}
     assert _cosine(merged, split.total) > 0.999
+    # The finetune product differentiated through the finetune step's own features: no
+    # second encoder pass for level 2.
+    counts = merged_pretrainer.objectives.counts
+    assert counts["finetune/step"] == 1 and counts["finetune/hypergradient"] == 0
 
 
 def test_fixed_policy_runs_the_pretrain_level_alone(tmp_path):

@@ -126,12 +126,12 @@ def test_training_curves_png(tmp_path: Path) -> None:
 def test_training_curves_panels() -> None:
     panels = _collect_series(_records())
     assert list(panels) == [
-        "loss/pretrain",
+        "pretrain loss (weighted) and masked-patch error",
         "loss/mask",
         "learning rate",
         "images_per_s",
         "loss/finetune",
-        "val/accuracy",
+        "val accuracy and the majority-class rate",
         "eval/accuracy",
         "train/loss",
     ]  # no step/epoch/time/stage, no strings ("note"), no bools ("flag")
@@ -139,6 +139,29 @@ def test_training_curves_panels() -> None:
     assert set(panels["learning rate"]) == lr_lines
     assert set(panels["loss/mask"]) == {("pretrain", "loss/mask")}
     assert panels["loss/finetune"][("finetune", "loss/finetune")][2] == (10.0, 2.0 / 11)
+
+
+def test_diagnostics_read_together_share_a_panel() -> None:
+    rows = [
+        {"stage": "pretrain", "step": 1, "loss/pretrain": 0.2, "pretrain/masked_error": 0.9},
+        {
+            "stage": "pretrain",
+            "step": 1,
+            "mask/prob_masked": 0.6,
+            "mask/prob_kept": 0.3,
+            "mask/prob_std": 0.1,
+        },
+        {"stage": "pretrain", "step": 2, "hypergradient/total_norm": 2.0, "hypergradient/pretrain_norm": 0.5},
+        {"stage": "pretrain", "step": 2, "val/accuracy": 0.66, "val/majority_rate": 0.67},
+    ]
+    panels = {title: {key for _, key in series} for title, series in _collect_series(rows).items()}
+    assert panels == {
+        "pretrain loss (weighted) and masked-patch error": {"loss/pretrain", "pretrain/masked_error"},
+        "mask probability: all, masked, kept patches": {"mask/prob_masked", "mask/prob_kept"},
+        "mask/prob_std": {"mask/prob_std"},
+        "hypergradient norm (log scale)": {"hypergradient/total_norm", "hypergradient/pretrain_norm"},
+        "val accuracy and the majority-class rate": {"val/accuracy", "val/majority_rate"},
+    }
 
 
 def test_training_curves_grid_layout(tmp_path: Path) -> None:

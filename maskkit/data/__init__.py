@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from .batches import Augment, DeviceBatches, crop_flip, iterate_eval, normalize
+from .batches import Augment, DeviceBatches, crop_flip, cutout, iterate_eval, normalize
 from .locations import DATA_DIR_ENV, default_data_dir
 from .registry import dataset_names, load_dataset
 from .splits import MaskSource, MLOSplits, make_splits
@@ -23,6 +23,7 @@ __all__ = [
     "MLOSplits",
     "MaskSource",
     "crop_flip",
+    "cutout",
     "dataset_names",
     "default_data_dir",
     "iterate_eval",

@@ -98,6 +98,15 @@ def masked_reconstruction(
 
 
 @dataclass
+class _StepFeatures:
+    """Features of a finetune step, and the pretrain step count (E's version) they were taken at."""
+
+    batch: Batch
+    pretrain_steps: int
+    features: Tensor  # [B, D], graph into E
+
+
+@dataclass
 class _PretrainPair:
     images: Tensor
     decision: MaskDecision
@@ -125,6 +134,7 @@ class MLOObjectives:
     counts: Counter = field(default_factory=Counter)
     last_pretrain: Reconstruction | None = None
     last_regularizer: Tensor | None = None
+    _step_features: _StepFeatures | None = field(default=None, repr=False)
 
     def _precision(self, purpose: str) -> contextlib.AbstractContextManager:
         """bf16 autocast for the levels' own steps; fp32 for the finite-difference evaluations of
@@ -185,15 +195,21 @@ class MLOObjectives:
             return F.cross_entropy(full_precision(logits), labels, weight=self.class_weights)
 
     def finetune_loss(self, batch: Batch) -> Tensor:
-        """Level 2's own step needs gradients for C only, so E runs without a graph."""
+        """Level 2's own step. Its features keep their graph into E: the mask level's
+        hypergradient, which follows before E changes, differentiates through the same
+        features (:meth:`finetune_pair`) instead of running the encoder again."""
         self.counts["finetune/step"] += 1
         images, labels = batch
-        with torch.no_grad():
-            features = self.features(images)
+        features = self.features(images)
+        self._step_features = _StepFeatures(batch, self.counts["pretrain/step"], features)
         return self.head_loss(features, labels)
 
     def finetune_pair(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Level 2's features with the graph into E, once per ±εv pair (which perturbs C only)."""
+        """Level 2's features ``[B, D]`` with the graph into E, for the hypergradient product
+        (which perturbs C only): the step's own when E has not moved since, else computed."""
+        kept, self._step_features = self._step_features, None
+        if kept is not None and kept.batch is batch and kept.pretrain_steps == self.counts["pretrain/step"]:
+            return kept.features, batch[1]
         self.counts["finetune/hypergradient"] += 1
         return self.features(batch[0]), batch[1]
 
