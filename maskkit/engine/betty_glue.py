@@ -386,10 +386,16 @@ def darts_product(vector: list[Tensor], current: _Level, previous: _Level) -> li
     shared = functional.prepare(batch)
     names = [name for name, p in current.module.named_parameters() if p.requires_grad]
     if spec.darts_mode == "exact":
-        primals = {n: p.detach() for n, p in zip(names, params, strict=True)}
-        tangents = dict(zip(names, vector, strict=True))
+        # Parameters along which v is zero (the decoder, which no upper level reads) stay fixed
+        # inputs: forward mode then carries no tangent for them.
+        moving = torch.stack([v.ne(0).any() for v in vector]).tolist()
+        fixed = {n: p.detach() for n, p, m in zip(names, params, moving, strict=True) if not m}
+        primals = {n: p.detach() for n, p, m in zip(names, params, moving, strict=True) if m}
+        tangents = {n: v for n, v, m in zip(names, vector, moving, strict=True) if m}
         with second_order_attention():
-            _, directional = jvp(lambda at: functional.loss_at(shared, at), (primals,), (tangents,))
+            _, directional = jvp(
+                lambda at: functional.loss_at(shared, {**fixed, **at}), (primals,), (tangents,)
+            )
         if not directional.requires_grad:  # the loss does not depend on `previous` at all
             return [torch.zeros_like(p) for p in targets]
         return [-g for g in _grad(directional, targets)]
