@@ -47,6 +47,7 @@ from betty.engine import Engine
 from betty.logging.logger_base import get_logger
 from betty.problems import ImplicitProblem
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -153,7 +154,8 @@ class _Level(ImplicitProblem):
 
     def get_loss(self, batch: tuple) -> tuple[Tensor, dict]:
         try:
-            loss, loss_dict = super().get_loss(batch)
+            with record_function(f"maskkit.{self.name}.forward"):
+                loss, loss_dict = super().get_loss(batch)
         except TrainingDivergedError as error:
             self._diverged(str(error))
         self.last_loss = loss_dict["loss"]
@@ -191,7 +193,8 @@ class _Level(ImplicitProblem):
         first_hops = _unique(path[1] for path in paths)
         hop_params = [list(problem.trainable_parameters()) for problem in first_hops]
         inputs = params + [p for group in hop_params for p in group]
-        grads = _grad(loss, inputs, retain_graph=False)
+        with record_function(f"maskkit.{self.name}.backward"):
+            grads = _grad(loss, inputs, retain_graph=False)
         self.set_grads(params, [g for g in grads[: len(params)]])
         if not paths:
             return
@@ -274,7 +277,7 @@ def hypergradient(
         for path in paths:
             vector = seeds[path[1]]
             for current, following in itertools.pairwise(path[1:]):
-                vector = JACOBIAN_PRODUCTS[current.config.type](vector, current, following)
+                vector = _product(vector, current, following)
             parts[path_name(path)] = [v.detach() for v in vector]
         total = [torch.stack(terms).sum(0) for terms in zip(*parts.values(), strict=True)]
         return total, parts
@@ -291,7 +294,7 @@ def hypergradient(
         if vector is None:
             continue
         for following in successors[current]:
-            product = JACOBIAN_PRODUCTS[current.config.type](vector, current, following)
+            product = _product(vector, current, following)
             target = (
                 result
                 if following is upper
@@ -302,6 +305,13 @@ def hypergradient(
             for accumulated, term in zip(target, product, strict=True):
                 accumulated.add_(term)
     return result, {}
+
+
+def _product(vector: list[Tensor], current: _Level, previous: _Level) -> list[Tensor]:
+    """The level's best-response-Jacobian product, under a profiler label
+    (``maskkit.product.<level>``; the levels' own work is ``maskkit.<level>.forward/backward``)."""
+    with record_function(f"maskkit.product.{current.name}"):
+        return JACOBIAN_PRODUCTS[current.config.type](vector, current, previous)
 
 
 def _topological_order(successors: dict[_Level, list[_Level]], upper: _Level) -> list[_Level]:
