@@ -150,7 +150,8 @@ def visualize(
     ] = None,
     seed: Annotated[int, typer.Option(help="Which images, and the random masks' draw.")] = 0,
 ) -> None:
-    """PNG grid: original → masked → reconstructed (→ learned mask probability)."""
+    """PNG grid: original → masked → reconstructed (→ the policy's per-patch maps: a learned
+    mask probability, hpm's predicted loss scaled per image)."""
     from maskkit.engine.inspect_run import visualize_run
 
     visualize_run(run_dir, num_images, output, seed, console)
