@@ -30,7 +30,11 @@ error_console = Console(stderr=True)
 
 @app.command()
 def policies() -> None:
-    """List installed masking policies: name, distribution, learnable, needs, description."""
+    """List installed masking policies: name, distribution, learnable, needs, description.
+
+    learnable: "yes" (level 3 of the MLO loop trains it), "pretrain level" (its own loss trains
+    it with the MAE, e.g. hpm's loss predictor) or "no" (fixed).
+    """
     from maskkit.plugins import get_registry
 
     registry = get_registry()
@@ -41,7 +45,7 @@ def policies() -> None:
         table.add_row(
             info.name,
             info.distribution,
-            "yes" if info.learnable else "no",
+            info.trained_by,
             ", ".join(sorted(info.requires)) or "-",
             info.description,
         )
@@ -146,7 +150,8 @@ def visualize(
     ] = None,
     seed: Annotated[int, typer.Option(help="Which images, and the random masks' draw.")] = 0,
 ) -> None:
-    """PNG grid: original → masked → reconstructed (→ learned mask probability)."""
+    """PNG grid: original → masked → reconstructed (→ the policy's per-patch maps: a learned
+    mask probability, hpm's predicted loss scaled per image)."""
     from maskkit.engine.inspect_run import visualize_run
 
     visualize_run(run_dir, num_images, output, seed, console)

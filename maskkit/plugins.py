@@ -56,6 +56,18 @@ class PolicyInfo:
     def requires(self) -> frozenset[str]:
         return self.policy_class.requires
 
+    @property
+    def trains_at_pretrain_level(self) -> bool:
+        """The class names parameters for the pretrain level (overrides ``pretrain_parameters``)."""
+        return self.policy_class.pretrain_parameters is not MaskPolicy.pretrain_parameters
+
+    @property
+    def trained_by(self) -> str:
+        """Which levels train the policy, for ``maskkit policies``: yes (level 3), pretrain level, no."""
+        if self.learnable:
+            return "yes + pretrain level" if self.trains_at_pretrain_level else "yes"
+        return "pretrain level" if self.trains_at_pretrain_level else "no"
+
 
 @dataclass
 class PluginRegistry:

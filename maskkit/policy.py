@@ -14,6 +14,7 @@ every decision is checked by :func:`validate_decision` before the model sees it.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -82,6 +83,9 @@ class MaskDecision:
             (:mod:`maskkit.weighting`); for a learnable policy they are the only way the
             hypergradient reaches its parameters.
         scores: ``[B, L]`` the scores behind the decision, for plots (detached), or None.
+        maps: named per-patch maps ``[B, L]`` the policy computed on the way (e.g. ``hpm``'s
+            predicted loss). ``maskkit visualize`` draws each beside the mask, and they reach
+            the policy's :meth:`MaskPolicy.pretrain_loss` with their graphs.
     """
 
     ids_keep: Tensor
@@ -89,6 +93,18 @@ class MaskDecision:
     mask: Tensor
     weights: Tensor | None = None
     scores: Tensor | None = None
+    maps: dict[str, Tensor] = field(default_factory=dict)
+
+    def detached(self) -> MaskDecision:
+        """A copy whose weights and maps carry no graph (to keep for diagnostics)."""
+        return MaskDecision(
+            ids_keep=self.ids_keep,
+            ids_restore=self.ids_restore,
+            mask=self.mask,
+            weights=None if self.weights is None else self.weights.detach(),
+            scores=self.scores,
+            maps={name: value.detach() for name, value in self.maps.items()},
+        )
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -96,7 +112,12 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1.0 - mask_ratio))
 
 
-def decision_from_scores(scores: Tensor, mask_ratio: float, weights: Tensor | None = None) -> MaskDecision:
+def decision_from_scores(
+    scores: Tensor,
+    mask_ratio: float,
+    weights: Tensor | None = None,
+    maps: dict[str, Tensor] | None = None,
+) -> MaskDecision:
     """Keep the ``int(L * (1 - r))`` lowest-scoring patches of each image; mask the rest.
 
     This is MAE's ``random_masking`` with the noise replaced by ``scores``, and the reference
@@ -106,6 +127,7 @@ def decision_from_scores(scores: Tensor, mask_ratio: float, weights: Tensor | No
         scores: ``[B, L]`` per-patch scores; higher means "more likely masked".
         mask_ratio: fraction of patches to mask, in [0, 1).
         weights: optional ``[B, L]`` differentiable per-patch loss weights to pass through.
+        maps: optional named ``[B, L]`` maps to pass through (:attr:`MaskDecision.maps`).
 
     Returns:
         A decision with ``ids_keep [B, K]``, ``ids_restore [B, L]`` and ``mask [B, L]``.
@@ -124,6 +146,7 @@ def decision_from_scores(scores: Tensor, mask_ratio: float, weights: Tensor | No
         mask=mask,
         weights=weights,
         scores=scores.detach(),
+        maps=dict(maps or {}),
     )
 
 
@@ -192,18 +215,31 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
             fail(f"weights must be a [B, L] = [{batch_size}, {num_patches}] tensor or None")
         if not bool(torch.isfinite(weights.detach()).all()):
             fail("weights hold non-finite values")
+    if not isinstance(decision.maps, dict):
+        fail(f"maps is {type(decision.maps).__name__}, not a dict of [B, L] tensors")
+    for name, value in decision.maps.items():
+        if not isinstance(value, Tensor) or tuple(value.shape) != (batch_size, num_patches):
+            fail(f"map '{name}' must be a [B, L] = [{batch_size}, {num_patches}] tensor")
+        if not bool(torch.isfinite(value.detach()).all()):
+            fail(f"map '{name}' holds non-finite values")
 
 
 class MaskPolicy(nn.Module, abc.ABC):
     """Base class of every masking policy.
 
-    Subclasses set ``name`` and ``description``, and implement :meth:`forward`. A policy with
-    ``learnable = True`` has its parameters optimised as level 3 of the MLO loop; one with
-    ``learnable = False`` runs the pretrain level alone. ``requires`` names the priors the
-    policy reads from ``MaskBatch.priors``.
+    Subclasses set ``name`` and ``description``, and implement :meth:`forward`. ``requires``
+    names the priors the policy reads from ``MaskBatch.priors``. Constructors take the
+    :class:`PolicyContext` and keyword options from the run config (``policy_options``).
 
-    Constructors take the :class:`PolicyContext` and keyword options from the run config
-    (``policy_options``).
+    Which level trains a policy's parameters (each parameter is trained by exactly one):
+
+    - those :meth:`pretrain_parameters` names join the **pretrain level's** optimiser, beside
+      the MAE (same AdamW, learning rate, schedule and weight-decay rule), and follow the
+      gradient of the pretrain loss, which includes the policy's own :meth:`pretrain_loss`;
+    - the others are **level 3's** (the mask level of the MLO loop, moved by the
+      hypergradient) when ``learnable = True``, and not trained at all otherwise.
+
+    A policy with ``learnable = False`` runs the pretrain level alone.
     """
 
     name: ClassVar[str]
@@ -222,3 +258,34 @@ class MaskPolicy(nn.Module, abc.ABC):
     def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
         """An optional scalar added to the level-3 (mask) objective. None by default."""
         return None
+
+    def pretrain_loss(self, decision: MaskDecision, batch: MaskBatch, error: Tensor) -> Tensor | None:
+        """An optional scalar added to the pretrain (level-1) loss of every pretrain step.
+
+        It is how a policy trains its :meth:`pretrain_parameters` jointly with the MAE, e.g.
+        ``hpm``'s loss predictor. maskkit logs it as ``loss/policy_pretrain``.
+
+        Args:
+            decision: this step's decision, as :meth:`forward` returned it (graphs kept, so
+                ``decision.maps`` can carry the predictions to train).
+            batch: the batch the policy saw.
+            error: ``[B, L]`` float32 per-patch norm-pix reconstruction error of this step,
+                detached (the target, not a path into the MAE).
+
+        The hypergradient of a learnable policy treats this term as independent of level 3:
+        it never enters the pretrain loss that the mask level's hypergradient differentiates.
+        None by default, and never called for a policy that does not override it.
+        """
+        return None
+
+    def pretrain_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters trained at the pretrain level (see the class docstring). None by default."""
+        return iter(())
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called before every pretrain step with the step about to run (``1 ≤ step ≤
+        total_steps``), for schedules over training. Does nothing by default.
+
+        Keep what it sets in a buffer (``register_buffer``): buffers are checkpointed with the
+        policy, so a resumed run and ``maskkit visualize`` see the schedule where it stood.
+        """

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import maskkit.plugins as plugins_module
 from maskkit import cli
@@ -35,7 +36,7 @@ from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, d
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKERBOARD_SOURCE = REPO / "examples" / "maskkit-checkerboard"
-BUILT_INS = {"random", "mlo", "mlo-light"}
+BUILT_INS = {"random", "mlo", "mlo-light", "blockwise", "hpm"}
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -247,6 +248,47 @@ POSITION_BIAS = """
         return [PositionBiasMasking]
 """
 
+# A fixed third-party policy with its own parameters trained at the pretrain level: a per-patch
+# predictor of the reconstruction error (zero-initialised), regressed by the pretrain-level hook.
+LOSS_AWARE = """
+    from __future__ import annotations
+
+    import torch
+    from torch import nn
+
+    from maskkit.hookspecs import hookimpl
+    from maskkit.policy import MaskPolicy, decision_from_scores
+
+
+    class LossAwareMasking(MaskPolicy):
+        name = "loss-aware"
+        description = "Test plugin: masks the patches its own predictor expects hardest."
+
+        def __init__(self, context):
+            super().__init__(context)
+            self.predictor = nn.Linear(context.embed_dim, 1)
+            nn.init.zeros_(self.predictor.weight)
+            nn.init.zeros_(self.predictor.bias)
+
+        def pretrain_parameters(self):
+            return self.predictor.parameters()
+
+        def forward(self, batch):
+            predicted = self.predictor(batch.tokens.detach()).squeeze(-1)  # [B, L]
+            noise = torch.rand(predicted.shape, device=predicted.device)
+            scores = predicted.detach() + noise
+            return decision_from_scores(scores, batch.mask_ratio, maps={"predicted error": predicted})
+
+        def pretrain_loss(self, decision, batch, error):
+            squared = (decision.maps["predicted error"] - error) ** 2  # [B, L]
+            return (squared * decision.mask).sum() / decision.mask.sum()
+
+
+    @hookimpl
+    def maskkit_policies():
+        return [LossAwareMasking]
+"""
+
 # Policies that load fine but break when used.
 FAULTY = """
     from __future__ import annotations
@@ -311,7 +353,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def good_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``maskkit-position-bias``, ``maskkit-faulty`` and the example ``maskkit-checkerboard``."""
+    """``maskkit-position-bias``, ``maskkit-faulty``, ``maskkit-loss-aware`` and the example
+    ``maskkit-checkerboard``."""
     root = tmp_path_factory.mktemp("good")
     projects = [
         write_package(
@@ -321,6 +364,9 @@ def good_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
             {"policy": POSITION_BIAS},
         ),
         write_package(root / "faulty", "maskkit-faulty", {"faulty": "policies"}, {"policies": FAULTY}),
+        write_package(
+            root / "loss-aware", "maskkit-loss-aware", {"loss-aware": "policy"}, {"policy": LOSS_AWARE}
+        ),
         copy_project(CHECKERBOARD_SOURCE, root / "checkerboard"),
     ]
     pip_install_target(projects, root / "site")
@@ -357,6 +403,7 @@ def _cli_plan(
     for policy, test in (
         ("position-bias", "test_train_with_a_learnable_third_party_plugin"),
         ("checkerboard", "test_train_with_the_checkerboard_example"),
+        ("loss-aware", "test_train_with_a_third_party_policy_trained_at_the_pretrain_level"),
         ("bad-decision", "test_train_with_a_malformed_decision_fails_in_one_line"),
     ):
         plan[policy] = (test, train_args(policy, data_dir, Path("run")), good_site, 250)
@@ -405,8 +452,9 @@ def test_policies_lists_the_built_ins(cli_runs: dict[str, BackgroundCli]) -> Non
     assert set(listed) >= BUILT_INS
     for name in BUILT_INS:
         assert listed[name]["distribution"] == "maskkit"
-    assert listed["random"]["learnable"] == "no"
+    assert listed["random"]["learnable"] == listed["blockwise"]["learnable"] == "no"
     assert listed["mlo"]["learnable"] == listed["mlo-light"]["learnable"] == "yes"
+    assert listed["hpm"]["learnable"] == "pretrain level"
 
 
 def test_policies_lists_installed_third_party_plugins(cli_runs: dict[str, BackgroundCli]) -> None:
@@ -420,6 +468,11 @@ def test_policies_lists_installed_third_party_plugins(cli_runs: dict[str, Backgr
     assert listed["position-bias"]["learnable"] == "yes"
     assert listed["bad-decision"]["distribution"] == listed["fragile"]["distribution"] == "maskkit-faulty"
     assert listed["random"]["distribution"] == "maskkit"
+    assert listed["loss-aware"] == {
+        "distribution": "maskkit-loss-aware",
+        "learnable": "pretrain level",
+        "needs": "-",
+    }
 
 
 def test_broken_plugins_are_reported_and_the_rest_still_load(cli_runs: dict[str, BackgroundCli]) -> None:
@@ -475,6 +528,23 @@ def test_train_with_the_checkerboard_example(cli_runs: dict[str, BackgroundCli])
     result, run_dir = training(cli_runs, "checkerboard")
     assert_finished_run(result, run_dir, "checkerboard")
     assert "fixed, pretrain level only" in result.stdout
+
+
+@pytest.mark.slow
+def test_train_with_a_third_party_policy_trained_at_the_pretrain_level(
+    cli_runs: dict[str, BackgroundCli],
+) -> None:
+    result, run_dir = training(cli_runs, "loss-aware")
+    assert_finished_run(result, run_dir, "loss-aware")
+    assert "its own parameters trained with the MAE" in " ".join(result.stdout.split())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss/policy_pretrain"] for record in records if "loss/policy_pretrain" in record]
+    assert len(losses) == 8 and all(loss > 0 for loss in losses)  # every step of the smoke preset
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pretrain"]["level_steps"] == {"pretrain": 8}  # no level 3
+    pretrained = json.loads((run_dir / "checkpoints" / "pretrained.json").read_text())["dir"]
+    weights = load_file(run_dir / "checkpoints" / pretrained / "policy.safetensors")
+    assert weights["predictor.weight"].abs().sum() > 0  # zero at the start: the hook trained it
 
 
 @pytest.mark.slow

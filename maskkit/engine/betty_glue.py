@@ -38,7 +38,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -79,6 +79,11 @@ class LevelSpec:
             evaluates at ±εv; None perturbs the parameters in place and differentiates each
             side's ``loss`` (finite differences only).
         darts_mode: ``exact`` (forward-mode, needs ``functional``) or ``finite-difference``.
+        extra_parameters: parameters outside ``module`` that this level's optimiser also steps
+            by the gradient of ``loss`` (a policy's pretrain-level parameters). They are not
+            the level's variables in any hypergradient: upper levels treat them as constants.
+        excluded_parameters: parameters of ``module`` that this level does not train (they
+            belong to another level).
     """
 
     name: str
@@ -94,6 +99,8 @@ class LevelSpec:
     hypergradient_loss: Callable[[tuple], Tensor] | None = None
     functional: FunctionalLoss | None = None
     darts_mode: str = "exact"
+    extra_parameters: list[nn.Parameter] = field(default_factory=list)
+    excluded_parameters: list[nn.Parameter] = field(default_factory=list)
 
 
 @dataclass
@@ -132,6 +139,7 @@ class _Level(ImplicitProblem):
             device=str(device),
         )
         self.spec = spec
+        self._excluded = {id(p) for p in spec.excluded_parameters}
         self.last_loss: float | None = None
         self.last_hypergradient: list[Tensor] | None = None
         # Set to compute the next hypergradient path by path (one more product; for diagnostics).
@@ -171,7 +179,13 @@ class _Level(ImplicitProblem):
         )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        """The level's variables: its module's parameters, less the excluded ones."""
+        return [p for p in self.module.parameters() if p.requires_grad and id(p) not in self._excluded]
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        for param in self.spec.extra_parameters:
+            param.grad = None
 
     def hypergradient_objective(self, batch: tuple) -> Tensor:
         """This level's loss with every graph kept (used when a hypergradient passes through)."""
@@ -190,15 +204,17 @@ class _Level(ImplicitProblem):
         allow_unused: bool = True,
     ) -> None:
         params = list(params)
+        extras = [p for p in self.spec.extra_parameters if p.requires_grad]
         first_hops = _unique(path[1] for path in paths)
         hop_params = [list(problem.trainable_parameters()) for problem in first_hops]
-        inputs = params + [p for group in hop_params for p in group]
+        inputs = params + extras + [p for group in hop_params for p in group]
         with record_function(f"maskkit.{self.name}.backward"):
             grads = _grad(loss, inputs, retain_graph=False)
         self.set_grads(params, [g for g in grads[: len(params)]])
+        self.set_grads(extras, grads[len(params) : len(params) + len(extras)])
         if not paths:
             return
-        offset, seeds = len(params), {}
+        offset, seeds = len(params) + len(extras), {}
         for problem, group in zip(first_hops, hop_params, strict=True):
             seeds[problem] = list(grads[offset : offset + len(group)])
             offset += len(group)

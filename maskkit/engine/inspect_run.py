@@ -16,7 +16,7 @@ from maskkit.engine.objectives import masked_reconstruction
 from maskkit.engine.run import build_models, prepare
 from maskkit.errors import ConfigError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
-from maskkit.policy import MaskPolicy
+from maskkit.policy import MaskDecision, MaskPolicy
 from maskkit.report import plot_confusion_matrix, plot_mask_grid, print_metrics
 from maskkit.rundir import RunDir
 from maskkit.weighting import loss_weighting
@@ -65,9 +65,24 @@ def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
     return metrics
 
 
+def patch_maps(decision: MaskDecision, grid_size: int) -> dict[str, np.ndarray]:
+    """The per-patch maps to draw beside a decision's mask, by column title, each ``[N, g, g]``
+    in [0, 1]: the weights as "mask probability" (as they are), then each of the policy's
+    ``maps`` (e.g. ``hpm``'s predicted loss) scaled to [0, 1] per image (min to max)."""
+    maps = {}
+    if decision.weights is not None:
+        maps["mask probability"] = decision.weights.float().clamp(0, 1)
+    for name, values in decision.maps.items():
+        values = values.float()
+        low, high = values.min(dim=1, keepdim=True).values, values.max(dim=1, keepdim=True).values
+        maps[name] = (values - low) / (high - low).clamp_min(1e-12)
+    return {name: values.reshape(-1, grid_size, grid_size).cpu().numpy() for name, values in maps.items()}
+
+
 @torch.no_grad()
 def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int, console: Console) -> Path:
-    """PNG grid of test images: original → masked → reconstruction (→ mask probability)."""
+    """PNG grid of test images: original → masked → reconstruction (→ the policy's per-patch
+    maps: mask probability, predicted loss, ...)."""
     context, mae, policy, _ = _open(run_dir, console)
     run, config, dataset, splits, device = (
         context.run,
@@ -107,12 +122,9 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
     masked = to_numpy(images * (1 - mask_image) + grey * mask_image)
     # As in the MAE paper: the reconstruction with the visible patches pasted back.
     reconstructions = to_numpy(images * (1 - mask_image) + pixels * mask_image)
-    heatmaps = None
-    if decision.weights is not None:
-        grid = mae.grid_size
-        heatmaps = decision.weights.float().reshape(-1, grid, grid).clamp(0, 1).cpu().numpy()
     path = output or run.plots / f"masks_{pointer}.png"
-    plot_mask_grid(originals, masked, reconstructions, path, heatmaps=heatmaps)
+    heatmaps = patch_maps(decision, mae.grid_size)
+    plot_mask_grid(originals, masked, reconstructions, path, heatmaps=heatmaps or None)
     console.print(
         f"saved [cyan]{path}[/] ({count} test images, policy {config.policy}, checkpoint '{pointer}')"
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,18 +43,23 @@ class Reconstruction:
         decision: the policy's decision.
         pred: ``[B, L, p·p·C]`` pixel predictions.
         error: ``[B, L]`` per-patch norm-pix error, unweighted.
+        batch: the batch the policy saw.
     """
 
     loss: Tensor
     decision: MaskDecision
     pred: Tensor
     error: Tensor
+    batch: MaskBatch
 
     def detached(self) -> Reconstruction:
         """A copy without graphs, to keep for diagnostics."""
-        weights = self.decision.weights
-        decision = replace(self.decision, weights=None if weights is None else weights.detach())
-        return Reconstruction(self.loss.detach(), decision, self.pred.detach(), self.error.detach())
+        batch = MaskBatch(
+            self.batch.images, self.batch.tokens.detach(), self.batch.mask_ratio, self.batch.priors
+        )
+        return Reconstruction(
+            self.loss.detach(), self.decision.detached(), self.pred.detach(), self.error.detach(), batch
+        )
 
 
 def decide(
@@ -88,13 +93,13 @@ def masked_reconstruction(
     weighting: LossWeighting,
 ) -> Reconstruction:
     """Mask with ``policy``, reconstruct, and weight the per-patch error by ``weighting``."""
-    tokens, _, decision = decide(mae, policy, images, mask_ratio, weighting)
+    tokens, batch, decision = decide(mae, policy, images, mask_ratio, weighting)
     latent = mae.encode(tokens, decision.ids_keep)  # [B, 1 + K, D]
     pred = mae.decode(latent, decision.ids_restore)  # [B, L, p·p·C]
     error = mae.reconstruction_error(images, pred)  # [B, L]
     weights = None if decision.weights is None else full_precision(decision.weights)
     loss = weighting.loss(error, decision.mask, weights)
-    return Reconstruction(loss=loss, decision=decision, pred=pred, error=error)
+    return Reconstruction(loss=loss, decision=decision, pred=pred, error=error, batch=batch)
 
 
 @dataclass
@@ -120,8 +125,9 @@ class MLOObjectives:
     ``counts`` tallies forward evaluations by ``"<level>/<purpose>"`` so the cost per MLO
     iteration can be reported (``purpose`` is ``step`` or ``hypergradient``).
     ``class_weights`` (``[classes]`` or None) make the level-2 and level-3 cross-entropies
-    class-balanced. ``last_pretrain`` holds the latest pretrain step's reconstruction (detached) and
-    ``last_regularizer`` the policy's latest level-3 penalty (folded into the mask loss).
+    class-balanced. ``last_pretrain`` holds the latest pretrain step's reconstruction (detached),
+    ``last_policy_pretrain`` the policy's latest pretrain-level loss (folded into the pretrain
+    loss) and ``last_regularizer`` its latest level-3 penalty (folded into the mask loss).
     """
 
     mae: MaskedAutoencoderViT
@@ -133,6 +139,7 @@ class MLOObjectives:
     class_weights: Tensor | None = None
     counts: Counter = field(default_factory=Counter)
     last_pretrain: Reconstruction | None = None
+    last_policy_pretrain: Tensor | None = None
     last_regularizer: Tensor | None = None
     _step_features: _StepFeatures | None = field(default=None, repr=False)
 
@@ -143,12 +150,21 @@ class MLOObjectives:
 
     # --- level 1 ---------------------------------------------------------------------------
     def pretrain_loss(self, batch: Batch, purpose: str = "step") -> Tensor:
+        """Level 1: the weighted reconstruction loss, plus, in the level's own step, the policy's
+        :meth:`~maskkit.policy.MaskPolicy.pretrain_loss` (the only place it is added)."""
         self.counts[f"pretrain/{purpose}"] += 1
         with self._precision(purpose):
             result = masked_reconstruction(self.mae, self.policy, batch[0], self.mask_ratio, self.weighting)
+            loss = result.loss
+            if purpose == "step" and type(self.policy).pretrain_loss is not MaskPolicy.pretrain_loss:
+                term = self.policy.pretrain_loss(result.decision, result.batch, result.error.detach().float())
+                if term is not None:
+                    term = full_precision(term)
+                    self.last_policy_pretrain = term.detach()
+                    loss = loss + term
         if purpose == "step":
             self.last_pretrain = result.detached()
-        return result.loss
+        return loss
 
     def pretrain_pair(self, batch: Batch) -> _PretrainPair:
         """What both sides of a ±εv pair on E share: one mask decision (a decision flipping

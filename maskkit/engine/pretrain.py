@@ -20,7 +20,8 @@ from maskkit.engine.betty_glue import FunctionalLoss, LevelSpec, MultiLevelOptim
 from maskkit.engine.context import RunContext
 from maskkit.engine.diagnostics import mask_statistics, split_mask_statistics
 from maskkit.engine.objectives import MLOObjectives
-from maskkit.engine.optim import adamw_from_config, cosine_schedule
+from maskkit.engine.optim import adamw_from_config, cosine_schedule, parameter_groups
+from maskkit.errors import PluginError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.policy import MaskPolicy
 from maskkit.runtime import rng_state, set_rng_state
@@ -33,6 +34,18 @@ def pretrain_steps(context: RunContext) -> int:
     if config.steps is not None:
         return config.steps
     return max(1, math.ceil(config.epochs * len(context.splits.pretrain) / config.pretrain.batch_size))
+
+
+def policy_pretrain_parameters(policy: MaskPolicy) -> list[torch.nn.Parameter]:
+    """The policy's parameters that the pretrain level trains (:meth:`MaskPolicy.pretrain_parameters`),
+    checked to be its own; the rest of a learnable policy's parameters are level 3's."""
+    chosen = list(policy.pretrain_parameters())
+    own = {id(p) for p in policy.parameters()}
+    if any(not isinstance(p, torch.nn.Parameter) or id(p) not in own for p in chosen):
+        raise PluginError(
+            f"policy '{policy.name}': pretrain_parameters() must yield parameters of the policy itself"
+        )
+    return chosen
 
 
 @dataclass
@@ -59,6 +72,7 @@ class Pretrainer:
         config, device = self.context.config, self.context.device
         self.total_steps = pretrain_steps(self.context)
         self.weighting = loss_weighting(config.pretrain.weighting)
+        self.policy_pretrain_parameters = policy_pretrain_parameters(self.policy)
         self.objectives = MLOObjectives(
             mae=self.mae,
             policy=self.policy,
@@ -119,7 +133,10 @@ class Pretrainer:
 
     def _pretrain_spec(self) -> LevelSpec:
         level = self.context.config.pretrain.pretrain
-        optimizer = adamw_from_config(self.mae, level)
+        policy_part = self.policy_pretrain_parameters
+        groups = parameter_groups(self.mae, level.weight_decay)
+        groups += parameter_groups(self.policy, level.weight_decay, only=policy_part)
+        optimizer = adamw_from_config(groups, level)
         return LevelSpec(
             name="pretrain",
             module=self.mae,
@@ -130,6 +147,7 @@ class Pretrainer:
             hypergradient_loss=lambda batch: self.objectives.pretrain_loss(batch, "hypergradient"),
             functional=FunctionalLoss(self.objectives.pretrain_pair, self.objectives.pretrain_loss_at),
             unroll_steps=level.unroll_steps,
+            extra_parameters=policy_part,
             **self._hypergradient_settings(),
         )
 
@@ -152,7 +170,10 @@ class Pretrainer:
 
     def _mask_spec(self) -> LevelSpec:
         level = self.context.config.pretrain.mask
-        optimizer = adamw_from_config(self.policy, level)
+        pretrain_part = self.policy_pretrain_parameters
+        optimizer = adamw_from_config(
+            parameter_groups(self.policy, level.weight_decay, exclude=pretrain_part), level
+        )
         return LevelSpec(
             name="mask",
             module=self.policy,
@@ -161,6 +182,7 @@ class Pretrainer:
             next_batch=self.batches["mask"].next,
             loss=self.objectives.mask_loss,
             unroll_steps=level.unroll_steps,
+            excluded_parameters=pretrain_part,
             **self._hypergradient_settings(),
         )
 
@@ -222,6 +244,12 @@ class Pretrainer:
         )
 
     # --- the loop ----------------------------------------------------------------------------
+    def step(self, step: int) -> None:
+        """Pretrain step ``step`` (1-based) and whatever upper-level steps follow it; the policy
+        learns first where training stands (:meth:`MaskPolicy.set_progress`)."""
+        self.policy.set_progress(step, self.total_steps)
+        self.mlo.step(step)
+
     def evaluate(self) -> dict:
         assert self.head is not None
         context = self.context
@@ -241,7 +269,7 @@ class Pretrainer:
         with context.progress() as progress:
             task = progress.add_task(title, total=self.total_steps, completed=self.start_step, status="")
             for step in range(self.start_step + 1, self.total_steps + 1):
-                self.mlo.step(step)
+                self.step(step)
                 window_steps += 1
                 progress.advance(task)
                 if step % log_every == 0 or step == self.total_steps:
@@ -332,6 +360,8 @@ class Pretrainer:
             latest = self.objectives.last_pretrain
             for key, value in mask_statistics(latest.decision, latest.error).items():
                 record[key] = float(value)
+        if self.objectives.last_policy_pretrain is not None:
+            record["loss/policy_pretrain"] = float(self.objectives.last_policy_pretrain)
         if self.objectives.last_regularizer is not None:
             record["loss/mask_regularizer"] = float(self.objectives.last_regularizer)
         for path, norm in self.mlo.hypergradient_norms().items():

@@ -171,7 +171,7 @@ def _execute(
     verb = "resuming" if resume is not None else "starting"
     console.print(
         f"[bold]maskkit[/] {verb} run [cyan]{run.path}[/]: policy [green]{config.policy}[/] "
-        f"({'learnable, three-level MLO' if policy.learnable else 'fixed, pretrain level only'}), "
+        f"({_how_trained(policy)}), "
         f"{config.data.dataset} ({len(context.splits.pretrain)} train / {len(context.splits.test)} test), "
         f"device {context.device}, preset {config.preset}"
         + (f", from its {stage} checkpoint at step {resume.state['step']}" if resume is not None else "")
@@ -198,6 +198,14 @@ def _execute(
     except TrainingDivergedError as error:
         raise TrainingDivergedError(f"{error} Run dir: {run.path}.") from None
     _finish(context, classifier, pretrain_summary, finetuned)
+
+
+def _how_trained(policy: MaskPolicy) -> str:
+    if policy.learnable:
+        return "learnable, three-level MLO"
+    if any(True for _ in policy.pretrain_parameters()):
+        return "pretrain level only, its own parameters trained with the MAE"
+    return "fixed, pretrain level only"
 
 
 def _resume_position(resume: Checkpoint | None) -> tuple[str, int] | None:
