@@ -48,7 +48,9 @@ class MaskBatch:
         images: ``[B, C, H, W]`` normalised images.
         tokens: ``[B, L, D]`` patch embeddings with position embeddings added.
         mask_ratio: fraction r of patches to mask; ``num_keep = int(L * (1 - r))``.
-        priors: per-patch importance maps by name, each ``[B, L]`` (empty unless required).
+        priors: per-patch prior maps by name, each ``[B, L]`` in [0, 1], pooled from the
+            per-pixel maps of the run's prior provider after augmentation (the names in the
+            policy's ``requires``; empty for a policy that requires none).
     """
 
     images: Tensor
@@ -193,7 +195,8 @@ class MaskPolicy(nn.Module, abc.ABC):
     Subclasses set ``name`` and ``description``, and implement :meth:`forward`. A policy with
     ``learnable = True`` has its parameters optimised as level 3 of the MLO loop; one with
     ``learnable = False`` runs the pretrain level alone. ``requires`` names the priors the
-    policy reads from ``MaskBatch.priors``.
+    policy reads from ``MaskBatch.priors`` (``"importance"``, ``"foreground"``; the run's
+    ``--prior`` provider supplies them).
 
     Constructors take the :class:`PolicyContext` and keyword options from the run config
     (``policy_options``).
@@ -215,3 +218,8 @@ class MaskPolicy(nn.Module, abc.ABC):
     def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
         """An optional scalar added to the level-3 (mask) objective. None by default."""
         return None
+
+    def statistics(self) -> dict[str, float]:
+        """Scalars worth following over training (a learned β, learned ratios), logged as
+        ``policy/<key>`` in ``metrics.jsonl`` and kept in the summary. Empty by default."""
+        return {}
