@@ -12,7 +12,7 @@ from maskkit.checkpoint import checkpoint_path, load_checkpoint
 from maskkit.config import load_run_config
 from maskkit.data import normalize
 from maskkit.engine.context import RunContext
-from maskkit.engine.objectives import masked_reconstruction
+from maskkit.engine.objectives import decide, masked_reconstruction
 from maskkit.engine.run import build_models, prepare
 from maskkit.errors import ConfigError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
@@ -65,9 +65,14 @@ def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
     return metrics
 
 
+#: Masks drawn to estimate the masking frequency of a policy that gives no mask probability.
+FREQUENCY_DRAWS = 32
+
+
 @torch.no_grad()
 def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int, console: Console) -> Path:
-    """PNG grid of test images: original → masked → reconstruction (→ mask probability)."""
+    """PNG grid of test images: original → masked → reconstruction (→ mask probability); for a
+    policy that reads a prior: original → prior → mask probability → masked → reconstruction."""
     context, mae, policy, _ = _open(run_dir, console)
     run, config, dataset, splits, device = (
         context.run,
@@ -87,10 +92,12 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
     indices = torch.randperm(len(splits.test), generator=generator)[:count]
     raw = splits.test.images[indices].to(device)  # [N, C, H, W] uint8
     images = normalize(raw, dataset.mean, dataset.std)
+    priors = {  # name → [N, H, W] in [0, 1], as the batches serve them
+        name: splits.test.priors[name][indices].to(device).float() / 255.0 for name in sorted(policy.requires)
+    }
+    weighting = loss_weighting(config.pretrain.weighting)
     torch.manual_seed(seed)
-    reconstruction = masked_reconstruction(
-        mae, policy, images, config.mask_ratio, loss_weighting(config.pretrain.weighting)
-    )
+    reconstruction = masked_reconstruction(mae, policy, images, config.mask_ratio, weighting, priors)
     decision, pred = reconstruction.decision, reconstruction.pred
     pixels = mae.unpatchify(mae.denormalized_prediction(images, pred.float()))  # [N, C, H, W]
     patch_mask = decision.mask.unsqueeze(-1).expand(-1, -1, mae.config.patch_size**2 * 3)
@@ -107,12 +114,32 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
     masked = to_numpy(images * (1 - mask_image) + grey * mask_image)
     # As in the MAE paper: the reconstruction with the visible patches pasted back.
     reconstructions = to_numpy(images * (1 - mask_image) + pixels * mask_image)
-    heatmaps = None
+    grid = mae.grid_size
+    heatmaps, heatmap_label = None, "mask probability"
     if decision.weights is not None:
-        grid = mae.grid_size
         heatmaps = decision.weights.float().reshape(-1, grid, grid).clamp(0, 1).cpu().numpy()
+    elif priors:  # no probability to show: how often the policy masks each patch, measured
+        draws = [
+            decide(mae, policy, images, config.mask_ratio, weighting, priors)[2].mask
+            for _ in range(FREQUENCY_DRAWS)
+        ]
+        heatmaps = torch.stack(draws).float().mean(0).reshape(-1, grid, grid).cpu().numpy()
+        heatmap_label = f"mask frequency ({FREQUENCY_DRAWS} draws)"
+    prior_maps, prior_label = None, "prior"
+    if priors:
+        shown = sorted(priors)[0]
+        prior_maps, prior_label = priors[shown].cpu().numpy(), f"prior: {config.prior} {shown}"
     path = output or run.plots / f"masks_{pointer}.png"
-    plot_mask_grid(originals, masked, reconstructions, path, heatmaps=heatmaps)
+    plot_mask_grid(
+        originals,
+        masked,
+        reconstructions,
+        path,
+        heatmaps=heatmaps,
+        priors=prior_maps,
+        prior_label=prior_label,
+        heatmap_label=heatmap_label,
+    )
     console.print(
         f"saved [cyan]{path}[/] ({count} test images, policy {config.policy}, checkpoint '{pointer}')"
     )

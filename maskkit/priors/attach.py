@@ -200,6 +200,7 @@ def attach_priors(dataset: LabelledDataset, spec: PriorSpec, console: Console) -
                     f"{spec.provider} priors of {dataset.name} {name} ({len(split)} images): "
                     f"{time.perf_counter() - started:.1f} s → {store.path(keys[name])}",
                     highlight=False,
+                    soft_wrap=True,
                 )
 
     def attached(name: str, split: ImageSplit | None) -> ImageSplit | None:
