@@ -203,16 +203,28 @@ def attach_priors(dataset: LabelledDataset, spec: PriorSpec, console: Console) -
                     soft_wrap=True,
                 )
 
+    return _with_maps(dataset, maps)
+
+
+def _with_maps(dataset: LabelledDataset, maps: dict[str, dict]) -> LabelledDataset:
+    """``dataset`` with ``maps[split name]`` (name → ``[N, S, S]`` uint8) attached to each split."""
+
     def attached(name: str, split: ImageSplit | None) -> ImageSplit | None:
-        if split is None:
-            return None
-        return dataclasses.replace(split, priors=dict(maps[name]))
+        return None if split is None else dataclasses.replace(split, priors=dict(maps[name]))
 
     return dataclasses.replace(
         dataset,
         train=attached("train", dataset.train),
         val=attached("val", dataset.val),
         test=attached("test", dataset.test),
+    )
+
+
+def computed_priors(dataset: LabelledDataset, provider: PriorProvider) -> LabelledDataset:
+    """``dataset`` with ``provider``'s maps computed now and attached, without the store: for
+    synthetic data (benchmarks, tests) that no one will see twice."""
+    return _with_maps(
+        dataset, {name: compute_priors(provider, split.images) for name, split in _splits(dataset).items()}
     )
 
 
