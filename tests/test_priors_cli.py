@@ -225,3 +225,22 @@ def test_a_prior_choice_that_cannot_work_is_one_line(cli, data_dir, tmp_path) ->
     )
     assert_one_clean_error_line(randaugment, "randaugment")
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_changed_data_file_option_or_resolution_does_not_find_the_built_store(cli, tmp_path) -> None:
+    data = tmp_path / "data"
+    write_medmnist_npz(data / "dermamnist.npz", sizes=(16, 8, 8))
+    build = ["priors", "build", "--provider", "center", "--dataset", "dermamnist", "--data-dir", data]
+    assert cli(*build).returncode == 0
+    again = cli(*build)
+    assert again.returncode == 0 and again.stdout.count("already built") == 3
+    train = _train(data, "semantic-soft-fixed", "--prior", "center", "--run-dir", tmp_path / "run")
+    for change in (["--set", "prior_options.sigma=0.3"], ["--set", "model.img_size=16"]):
+        assert_one_clean_error_line(cli(*train, *change), "not built yet")
+    with np.load(data / "dermamnist.npz") as arrays:
+        changed = {key: arrays[key].copy() for key in arrays.files}
+    changed["test_images"][0] = 255 - changed["test_images"][0]  # one image of one split differs
+    np.savez(data / "dermamnist.npz", **changed)
+    line = assert_one_clean_error_line(cli(*train), "not built yet")
+    assert "(test at 32 px)" in line  # only the split whose pixels changed
+    assert not (tmp_path / "run").exists()
