@@ -33,12 +33,13 @@ def _first_available(run: RunDir, pointers: tuple[str, ...]) -> str:
 
 
 def _open(
-    run_dir: Path, console: Console
+    run_dir: Path, console: Console, with_priors: bool = True
 ) -> tuple[RunContext, MaskedAutoencoderViT, MaskPolicy, ClassifierHead]:
-    """A finished (or interrupted) run's context and freshly built models, before any weights load."""
+    """A finished (or interrupted) run's context and freshly built models, before any weights
+    load; the priors of its policy are attached unless ``with_priors`` is False."""
     run = RunDir.open(run_dir)
     config = load_run_config(run.config_path)
-    device, dataset, splits = prepare(config, console)
+    device, dataset, splits = prepare(config, console, with_priors)
     mae, policy, head = build_models(config, dataset.num_classes, device)
     return RunContext(config, device, dataset, splits, run, console), mae, policy, head
 
@@ -47,7 +48,7 @@ def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
     """Evaluate the fine-tuned model of a run on ``split`` (test or val); save JSON and PNG."""
     if split not in ("test", "val"):
         raise ConfigError(f"unknown split '{split}'; use test or val")
-    context, mae, _, head = _open(run_dir, console)
+    context, mae, _, head = _open(run_dir, console, with_priors=False)  # the classifier needs none
     run = context.run
     target = context.splits.test if split == "test" else context.dataset.val
     if target is None:

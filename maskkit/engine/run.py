@@ -66,11 +66,15 @@ def stage2_head(config: RunConfig, num_classes: int, device: torch.device) -> Cl
     return head.to(device)
 
 
-def prepare(config: RunConfig, console: Console) -> tuple[torch.device, LabelledDataset, MLOSplits]:
+def prepare(
+    config: RunConfig, console: Console, with_priors: bool = True
+) -> tuple[torch.device, LabelledDataset, MLOSplits]:
     """Everything that can fail on user input, done before a run dir is created: the policy, its
-    prior provider, the device, the data and the priors (built here when the user asked)."""
-    requires = policy_info(config.policy).requires
-    check_prior_choice(config, requires)
+    prior provider, the device, the data and the priors (built here when the user asked;
+    ``with_priors=False`` skips them for work that never calls the policy, like evaluation)."""
+    requires = policy_info(config.policy).requires if with_priors else frozenset()
+    if with_priors:
+        check_prior_choice(config, requires)
     device = select_device(config.device)
     if device.type == "cpu":
         tune_cpu_runtime()
