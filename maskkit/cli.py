@@ -110,7 +110,7 @@ def priors_build(
     ] = None,
     image_size: Annotated[
         int | None,
-        typer.Option(help="Side the images are resized to (default: the preset's model.img_size)."),
+        typer.Option(help="Side the images are resized to (default: the default preset's model.img_size)."),
     ] = None,
     subset: Annotated[int | None, typer.Option(help="Only the first N images of each split.")] = None,
     option: Annotated[
