@@ -53,7 +53,8 @@ from maskkit.engine.pretrain import Pretrainer
 from maskkit.engine.run import build_models, policy_context
 from maskkit.errors import MaskkitError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT
-from maskkit.plugins import create_policy, policy_info
+from maskkit.plugins import create_policy, create_provider, policy_info
+from maskkit.priors.attach import computed_priors
 from maskkit.rundir import RunDir
 from maskkit.runtime import select_device, use_bf16
 
@@ -485,6 +486,8 @@ def benchmark_policy(args: argparse.Namespace, policy: str) -> dict[str, Any]:
         return result
 
     dataset = synthetic_dataset(config, args.num_images, seed=config.seed)
+    if policy_info(policy).requires:  # a guided policy: the weight-free centre prior stands in
+        dataset = computed_priors(dataset, create_provider("center"))
     splits = make_splits(dataset, config.data.train_portion, config.data.mask_source)
     gc.collect()
     if device.type == "cuda":

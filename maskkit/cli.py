@@ -1,4 +1,4 @@
-"""The ``maskkit`` command line: policies, train, evaluate, visualize, config."""
+"""The ``maskkit`` command line: policies, priors, train, evaluate, visualize, config."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+priors_app = typer.Typer(help="Prior providers and the priors store.", no_args_is_help=True)
+app.add_typer(priors_app, name="priors")
 
 console = Console()
 error_console = Console(stderr=True)
@@ -39,7 +41,8 @@ def policies() -> None:
 
     registry = get_registry()
     table = Table(title="Installed masking policies")
-    for column in ("name", "distribution", "learnable", "needs", "description"):
+    _name_column(table, registry.policies)
+    for column in ("distribution", "learnable", "needs", "description"):
         table.add_column(column)
     for info in sorted(registry.policies.values(), key=lambda item: item.name):
         table.add_row(
@@ -50,9 +53,103 @@ def policies() -> None:
             info.description,
         )
     console.print(table)
-    for failure in registry.failures:
+    _print_failures(registry.failures)
+
+
+def _name_column(table: Table, names: dict) -> None:
+    """A ``name`` column wide enough that no name is ever cut (they are what the user types)."""
+    table.add_column("name", no_wrap=True, min_width=max((len(name) for name in names), default=4))
+
+
+def _print_failures(failures: list) -> None:
+    for failure in failures:
         error_console.print(
             "[yellow]warning:[/]", escape(failure.one_line()), soft_wrap=True, highlight=False
+        )
+
+
+@priors_app.command("list")
+def priors_list() -> None:
+    """List installed prior providers: name, distribution, maps, options, description."""
+    import inspect
+
+    from maskkit.plugins import get_registry
+    from maskkit.priors.store import default_store_dir
+
+    registry = get_registry()
+    table = Table(title="Installed prior providers")
+    _name_column(table, registry.providers)
+    for column in ("distribution", "maps", "options (default)", "description"):
+        table.add_column(column)
+    for info in sorted(registry.providers.values(), key=lambda item: item.name):
+        parameters = inspect.signature(info.provider_class).parameters.values()
+        options = ", ".join(
+            f"{p.name}={p.default!r}" for p in parameters if p.default is not inspect.Parameter.empty
+        )
+        table.add_row(
+            info.name, info.distribution, ", ".join(sorted(info.provides)), options or "-", info.description
+        )
+    console.print(table)
+    console.print(f"priors store: {default_store_dir()} (--priors-dir or $MASKKIT_PRIORS_DIR to change)")
+    _print_failures(registry.failures)
+
+
+def _option_pairs(assignments: list[str]) -> dict:
+    """``["key=value", …]`` → ``{key: value}`` with values parsed as YAML (as --set does)."""
+    options: dict = {}
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"--option expects KEY=VALUE, got '{assignment}'")
+        key, raw = assignment.split("=", 1)
+        options[key.strip()] = parse_override(f"value={raw}")["value"]
+    return options
+
+
+@priors_app.command("build")
+def priors_build(
+    provider: Annotated[str, typer.Option(help="Prior provider (see `maskkit priors list`).")],
+    dataset: Annotated[str, typer.Option(help="The dataset, as `maskkit train --dataset` takes it.")],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data folder (default: $MASKKIT_DATA_DIR, else a user cache folder).")
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Side the images are resized to (default: the default preset's model.img_size)."),
+    ] = None,
+    subset: Annotated[int | None, typer.Option(help="Only the first N images of each split.")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", help="A provider option: --option method=fine_grained")
+    ] = None,
+    priors_dir: Annotated[
+        Path | None,
+        typer.Option(help="The priors store (default: $MASKKIT_PRIORS_DIR, else a user cache folder)."),
+    ] = None,
+    download: Annotated[
+        bool, typer.Option("--download/--no-download", help="Download missing data.")
+    ] = False,
+) -> None:
+    """Compute a dataset's priors once per split and keep them in the priors store."""
+    from maskkit.data import load_dataset
+    from maskkit.data.locations import default_data_dir
+    from maskkit.engine.run import limit_dataset
+    from maskkit.plugins import provider_info
+    from maskkit.priors.attach import PriorSpec, attach_priors, store_paths
+
+    provider_info(provider)  # an unknown name fails before the data is read
+    options = _option_pairs(option or [])
+    size = image_size if image_size is not None else build_config(DEFAULT_PRESET).model.img_size
+    if size < 1 or (subset is not None and subset < 1):
+        raise ConfigError("--image-size and --subset must be positive")
+    spec = PriorSpec(provider, options, dataset, data_dir, size, subset, priors_dir, build=True)
+    loaded = load_dataset(dataset, data_dir or default_data_dir(), image_size=size, download=download)
+    if subset is not None:
+        loaded = limit_dataset(loaded, subset)
+    paths = store_paths(loaded, spec)
+    already = [name for name, path in paths.items() if path.is_file()]
+    attach_priors(loaded, spec, console)
+    for name in already:
+        console.print(
+            f"{provider} priors of {loaded.name} {name}: already built → {paths[name]}", highlight=False
         )
 
 
@@ -115,11 +212,23 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")
     ] = None,
+    prior: Annotated[
+        str | None,
+        typer.Option(help="Prior provider of a policy that reads priors (see `maskkit priors list`)."),
+    ] = None,
+    build_priors: Annotated[
+        bool | None,
+        typer.Option("--build-priors", help="Build missing priors in the store instead of stopping."),
+    ] = None,
 ) -> None:
     """Pretrain (MLO when the policy is learnable), fine-tune and evaluate."""
     from maskkit.engine import run as runs
 
     overrides = _overrides(policy, dataset, data_dir, mask_ratio, seed, device, download, assignments or [])
+    if prior is not None:
+        overrides.append({"prior": prior})
+    if build_priors:
+        overrides.append({"data": {"build_priors": True}})
     if resume is not None:
         if config_file is not None or preset != DEFAULT_PRESET or run_dir is not None:
             raise ConfigError(

@@ -53,7 +53,9 @@ class MaskBatch:
             row-major order over the grid. Detached from the MAE unless the run's weighting is
             ``reference`` (then the pretrain loss also reaches the MAE through the policy).
         mask_ratio: fraction r of patches to mask; ``num_keep = int(L * (1 - r))``.
-        priors: per-patch importance maps by name, each ``[B, L]`` (empty unless required).
+        priors: per-patch prior maps by name, each ``[B, L]`` in [0, 1], pooled from the
+            per-pixel maps of the run's prior provider after augmentation (the names in the
+            policy's ``requires``; empty for a policy that requires none).
     """
 
     images: Tensor
@@ -228,7 +230,8 @@ class MaskPolicy(nn.Module, abc.ABC):
     """Base class of every masking policy.
 
     Subclasses set ``name`` and ``description``, and implement :meth:`forward`. ``requires``
-    names the priors the policy reads from ``MaskBatch.priors``. Constructors take the
+    names the priors the policy reads from ``MaskBatch.priors`` (``"importance"``,
+    ``"foreground"``; the run's ``--prior`` provider supplies them). Constructors take the
     :class:`PolicyContext` and keyword options from the run config (``policy_options``).
 
     Which level trains a policy's parameters (each parameter is trained by exactly one):
@@ -289,3 +292,8 @@ class MaskPolicy(nn.Module, abc.ABC):
         Keep what it sets in a buffer (``register_buffer``): buffers are checkpointed with the
         policy, so a resumed run and ``maskkit visualize`` see the schedule where it stood.
         """
+
+    def statistics(self) -> dict[str, float]:
+        """Scalars worth following over training (a learned β, learned ratios), logged as
+        ``policy/<key>`` in ``metrics.jsonl`` and kept in the summary. Empty by default."""
+        return {}

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import write_medmnist_npz
-from maskkit_plugins.blockwise import default_min_block_patches, rectangles, sample_blocks
 from test_cli import assert_user_error, maskkit
 
 from maskkit.errors import PluginError
 from maskkit.plugins import create_policy
 from maskkit.policy import MaskBatch, PolicyContext, validate_decision
+from maskkit_plugins.blockwise import default_min_block_patches, rectangles, sample_blocks
 
 
 def context(grid: int) -> PolicyContext:

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from helpers import quiet_context, tiny_config, write_medmnist_npz
-from maskkit_plugins.hpm import PREDICTED_LOSS, HardPatchesMining, easy_to_hard_share, relative_loss
 from PIL import Image
 from rich.console import Console
 from test_cli import maskkit
@@ -25,6 +24,7 @@ from maskkit.errors import PluginError
 from maskkit.plugins import create_policy
 from maskkit.policy import MaskBatch, PolicyContext, validate_decision
 from maskkit.rundir import RunDir
+from maskkit_plugins.hpm import PREDICTED_LOSS, HardPatchesMining, easy_to_hard_share, relative_loss
 
 # --- the relative loss --------------------------------------------------------------------------
 

@@ -36,7 +36,18 @@ from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, d
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKERBOARD_SOURCE = REPO / "examples" / "maskkit-checkerboard"
-BUILT_INS = {"random", "mlo", "mlo-light", "blockwise", "hpm"}
+BUILT_INS = {
+    "random",
+    "mlo",
+    "mlo-light",
+    "blockwise",
+    "hpm",
+    *(
+        f"{name}{suffix}"
+        for name in ("semantic-soft", "region-ratio", "constraint")
+        for suffix in ("", "-fixed")
+    ),
+}
 
 # --- helpers ------------------------------------------------------------------------------------
 

@@ -3,13 +3,19 @@
 All randomness comes from two CPU ``torch.Generator`` objects (one for the epoch permutations,
 one for augmentation), so a run is reproducible from its seed and resumes bit-exactly from
 :meth:`DeviceBatches.state_dict`, on CPU or GPU alike.
+
+A batch is a :class:`Batch`: images, labels, and the per-pixel prior maps a policy asked for.
+The priors are cropped and flipped in the very same gather as their images (they ride along as
+extra channels), so they stay aligned pixel for pixel; they draw no random numbers of their own,
+so a run's batches are the same with or without them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal, get_args
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +25,7 @@ from maskkit.errors import DataError
 
 from .types import ImageSplit
 
-__all__ = ["Augment", "DeviceBatches", "crop_flip", "cutout", "iterate_eval", "normalize"]
+__all__ = ["Augment", "Batch", "DeviceBatches", "crop_flip", "cutout", "iterate_eval", "normalize"]
 
 Augment = Literal["none", "crop_flip", "randaugment"]
 
@@ -27,6 +33,40 @@ Augment = Literal["none", "crop_flip", "randaugment"]
 CROP_PADDING = 4
 
 StatLike = Sequence[float] | Tensor
+
+NO_PRIORS: Mapping[str, Tensor] = MappingProxyType({})
+
+
+class Batch(NamedTuple):
+    """One mini-batch.
+
+    Attributes:
+        images: ``[B, 3, H, W]`` float32, normalised.
+        labels: ``[B]`` int64.
+        priors: per-pixel prior maps by name, each ``[B, H, W]`` float32 in [0, 1], aligned
+            with ``images`` (cropped and flipped with them); empty unless asked for.
+    """
+
+    images: Tensor
+    labels: Tensor
+    priors: Mapping[str, Tensor] = NO_PRIORS
+
+
+def _unpack_priors(maps: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """``[B, P, H, W]`` uint8 → name → ``[B, H, W]`` float32 in [0, 1]."""
+    values = maps.to(torch.float32).div_(255.0)
+    return {name: values[:, index] for index, name in enumerate(names)}
+
+
+def _stack_priors(split: ImageSplit, names: Sequence[str]) -> Tensor:
+    """The split's maps ``names`` as ``[N, P, H, W]`` uint8 (P = len(names))."""
+    missing = [name for name in names if name not in split.priors]
+    if missing:
+        raise ValueError(f"the split holds no prior {missing} (it has {sorted(split.priors)})")
+    n, _, h, w = split.images.shape
+    if not names:
+        return torch.empty(n, 0, h, w, dtype=torch.uint8)
+    return torch.stack([split.priors[name] for name in names], dim=1)
 
 
 def _stat_tensor(values: StatLike, device: torch.device) -> Tensor:
@@ -137,6 +177,7 @@ class DeviceBatches:
         augment: Augment = "crop_flip",
         seed: int = 0,
         cutout: int = 0,
+        priors: Sequence[str] = (),
     ) -> None:
         """Hold ``split`` on ``device``.
 
@@ -149,6 +190,8 @@ class DeviceBatches:
             augment: the augmentation applied to every training batch.
             seed: seeds the permutations and the augmentation.
             cutout: side in pixels of the square zeroed in each image after normalisation.
+            priors: names of the split's prior maps to serve with every batch, augmented with
+                their images (``crop_flip`` or ``none``; RandAugment has no way to move them).
         """
         if len(split) == 0:
             raise DataError("cannot draw batches from an empty split.")
@@ -156,9 +199,13 @@ class DeviceBatches:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if augment not in get_args(Augment):
             raise ValueError(f"augment must be one of {get_args(Augment)}, got {augment!r}")
+        if priors and augment == "randaugment":
+            raise ValueError("RandAugment would move images without their priors; use crop_flip or none")
         self.device = torch.device(device)
         self.images = split.images.to(self.device)  # [N, 3, H, W] uint8
         self.labels = split.labels.to(self.device)  # [N] int64
+        self.prior_names = tuple(priors)
+        self.prior_maps = _stack_priors(split, self.prior_names).to(self.device)  # [N, P, H, W] uint8
         self.num_items = len(split)
         self.batch_size = batch_size
         self.augment: Augment = augment
@@ -185,7 +232,7 @@ class DeviceBatches:
     def __iter__(self) -> DeviceBatches:
         return self
 
-    def __next__(self) -> tuple[Tensor, Tensor]:
+    def __next__(self) -> Batch:
         return self.next()
 
     def _next_indices(self) -> Tensor:
@@ -204,7 +251,9 @@ class DeviceBatches:
         return torch.cat(parts)
 
     def _apply_augment(self, images: Tensor) -> Tensor:
-        """Augment ``[B, 3, H, W]`` uint8 images on the device; returns the same shape."""
+        """Augment ``[B, C, H, W]`` uint8 images on the device; returns the same shape. Channels
+        past the third (prior maps) go through the same crop and flip (RandAugment is refused
+        with priors)."""
         if self.augment == "none":
             return images
         b = images.shape[0]
@@ -220,23 +269,32 @@ class DeviceBatches:
         flip = torch.rand(b, generator=self._aug_generator) < 0.5
         return crop_flip(images, top, left, flip, CROP_PADDING)
 
-    def next(self) -> tuple[Tensor, Tensor]:
+    def next(self) -> Batch:
         """The next training batch.
 
         Returns:
-            ``(images, labels)``: ``[B, 3, H, W]`` float32 normalised and ``[B]`` int64, both on
-            ``device``, with ``B == batch_size``.
+            ``Batch(images, labels, priors)``: ``[B, 3, H, W]`` float32 normalised, ``[B]`` int64
+            and name → ``[B, H, W]`` float32 in [0, 1], all on ``device``, ``B == batch_size``.
         """
         indices = self._next_indices().to(self.device)
         images = self.images.index_select(0, indices)
         labels = self.labels.index_select(0, indices)
-        images = normalize(self._apply_augment(images), self._mean, self._std)
+        priors: dict[str, Tensor] = {}
+        if self.prior_names:
+            # One gather for images and priors: the same crop and flip, pixel for pixel.
+            stacked = torch.cat([images, self.prior_maps.index_select(0, indices)], dim=1)
+            stacked = self._apply_augment(stacked)
+            images, maps = stacked[:, :3], stacked[:, 3:]
+            priors = _unpack_priors(maps, self.prior_names)
+        else:
+            images = self._apply_augment(images)
+        images = normalize(images, self._mean, self._std)
         if self.cutout:
             b, _, h, w = images.shape
             centre_y = torch.randint(0, h, (b,), generator=self._aug_generator)
             centre_x = torch.randint(0, w, (b,), generator=self._aug_generator)
             images = cutout(images, centre_y, centre_x, self.cutout)
-        return images, labels
+        return Batch(images, labels, priors)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to reproduce the future batches exactly (CPU tensors and ints)."""
@@ -275,7 +333,8 @@ def iterate_eval(
     device: torch.device | str,
     mean: StatLike,
     std: StatLike,
-) -> Iterator[tuple[Tensor, Tensor]]:
+    priors: Sequence[str] = (),
+) -> Iterator[Batch]:
     """All of ``split`` in order, in batches, without augmentation.
 
     Args:
@@ -284,16 +343,20 @@ def iterate_eval(
         device: where the batches are put.
         mean: per-channel means in ``[0, 1]``.
         std: per-channel standard deviations in ``[0, 1]``.
+        priors: names of the split's prior maps to serve with the images.
 
     Yields:
-        ``(images, labels)``: ``[B, 3, H, W]`` float32 normalised and ``[B]`` int64 on
-        ``device``.
+        ``Batch(images, labels, priors)``: ``[B, 3, H, W]`` float32 normalised, ``[B]`` int64
+        and name → ``[B, H, W]`` float32 in [0, 1] on ``device``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device)
     mean_t, std_t = _stat_tensor(mean, device), _stat_tensor(std, device)
+    names = tuple(priors)
+    maps = _stack_priors(split, names)
     for start in range(0, len(split), batch_size):
         images = split.images[start : start + batch_size].to(device, non_blocking=True)
         labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
-        yield normalize(images, mean_t, std_t), labels
+        batch_priors = _unpack_priors(maps[start : start + batch_size].to(device), names) if names else {}
+        yield Batch(normalize(images, mean_t, std_t), labels, batch_priors)

@@ -26,7 +26,7 @@ def predict(
     was_training = model.training
     model.eval()
     truths, predictions = [], []
-    for images, labels in iterate_eval(split, batch_size, device, mean, std):
+    for images, labels, _ in iterate_eval(split, batch_size, device, mean, std):
         with autocast():
             logits = model(images)
         predictions.append(logits.argmax(dim=1).cpu())

@@ -110,7 +110,7 @@ class Finetuner:
 
     def _train_step(self, step: int) -> None:
         config = self.context.config.finetune
-        images, labels = self.batches.next()
+        images, labels, _ = self.batches.next()
         with self.context.autocast():
             logits = self.model(images)
         loss = F.cross_entropy(full_precision(logits), labels, label_smoothing=config.label_smoothing)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -24,14 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from maskkit.data import Batch
 from maskkit.errors import TrainingDivergedError
 from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, validate_decision
+from maskkit.priors.alignment import patch_priors
 from maskkit.runtime import full_precision
 from maskkit.weighting import LossWeighting
 
-Batch = tuple[Tensor, Tensor]  # images [B, C, H, W], labels [B]
+PixelPriors = Mapping[str, Tensor]  # name → [B, H, W] per-pixel maps, aligned with the images
 
 
 @dataclass
@@ -43,7 +45,7 @@ class Reconstruction:
         decision: the policy's decision.
         pred: ``[B, L, p·p·C]`` pixel predictions.
         error: ``[B, L]`` per-patch norm-pix error, unweighted.
-        batch: the batch the policy saw.
+        batch: the batch the policy saw, priors pooled to the patch grid (``[B, L]``).
     """
 
     loss: Tensor
@@ -62,14 +64,24 @@ class Reconstruction:
         )
 
 
+def mask_batch(
+    mae: MaskedAutoencoderViT, images: Tensor, tokens: Tensor, mask_ratio: float, priors: PixelPriors | None
+) -> MaskBatch:
+    """What a policy sees: the images, their ``[B, L, D]`` tokens and the priors pooled from
+    per-pixel ``[B, H, W]`` to the patch grid ``[B, L]`` (the one place they are pooled)."""
+    pooled = patch_priors(priors, mae.config.patch_size) if priors else {}
+    return MaskBatch(images=images, tokens=tokens, mask_ratio=mask_ratio, priors=pooled)
+
+
 def decide(
     mae: MaskedAutoencoderViT,
     policy: MaskPolicy,
     images: Tensor,
     mask_ratio: float,
     weighting: LossWeighting,
+    priors: PixelPriors | None = None,
 ) -> tuple[Tensor, MaskBatch, MaskDecision]:
-    """Embed ``images`` and let ``policy`` decide.
+    """Embed ``images`` and let ``policy`` decide, with the ``priors`` aligned to ``images``.
 
     Returns ``(tokens, batch, decision)``: the ``[B, L, D]`` tokens with their graph into E, the
     batch the policy saw (tokens as the weighting lets it see them), and its checked decision.
@@ -79,7 +91,7 @@ def decide(
         # Checked before the policy sees them: non-finite tokens would otherwise surface as a
         # "malformed decision" of a policy that did nothing wrong.
         raise TrainingDivergedError("the patch embeddings became non-finite")
-    batch = MaskBatch(images=images, tokens=weighting.policy_tokens(tokens), mask_ratio=mask_ratio)
+    batch = mask_batch(mae, images, weighting.policy_tokens(tokens), mask_ratio, priors)
     decision = policy(batch)
     validate_decision(decision, batch, policy.name)
     return tokens, batch, decision
@@ -91,15 +103,17 @@ def masked_reconstruction(
     images: Tensor,
     mask_ratio: float,
     weighting: LossWeighting,
+    priors: PixelPriors | None = None,
 ) -> Reconstruction:
-    """Mask with ``policy``, reconstruct, and weight the per-patch error by ``weighting``."""
-    tokens, batch, decision = decide(mae, policy, images, mask_ratio, weighting)
+    """Mask with ``policy`` (which reads ``priors``, per pixel and aligned with ``images``),
+    reconstruct, and weight the per-patch error by ``weighting``."""
+    tokens, seen, decision = decide(mae, policy, images, mask_ratio, weighting, priors)
     latent = mae.encode(tokens, decision.ids_keep)  # [B, 1 + K, D]
     pred = mae.decode(latent, decision.ids_restore)  # [B, L, p·p·C]
     error = mae.reconstruction_error(images, pred)  # [B, L]
     weights = None if decision.weights is None else full_precision(decision.weights)
     loss = weighting.loss(error, decision.mask, weights)
-    return Reconstruction(loss=loss, decision=decision, pred=pred, error=error, batch=batch)
+    return Reconstruction(loss=loss, decision=decision, pred=pred, error=error, batch=seen)
 
 
 @dataclass
@@ -116,6 +130,7 @@ class _PretrainPair:
     images: Tensor
     decision: MaskDecision
     weights: Tensor | None  # [B, L] with graph into T, or None when they follow E (reference)
+    priors: PixelPriors  # name → [B, H, W], the images' priors
 
 
 @dataclass
@@ -154,7 +169,9 @@ class MLOObjectives:
         :meth:`~maskkit.policy.MaskPolicy.pretrain_loss` (the only place it is added)."""
         self.counts[f"pretrain/{purpose}"] += 1
         with self._precision(purpose):
-            result = masked_reconstruction(self.mae, self.policy, batch[0], self.mask_ratio, self.weighting)
+            result = masked_reconstruction(
+                self.mae, self.policy, batch.images, self.mask_ratio, self.weighting, batch.priors
+            )
             loss = result.loss
             if purpose == "step" and type(self.policy).pretrain_loss is not MaskPolicy.pretrain_loss:
                 term = self.policy.pretrain_loss(result.decision, result.batch, result.error.detach().float())
@@ -170,14 +187,14 @@ class MLOObjectives:
         """What both sides of a ±εv pair on E share: one mask decision (a decision flipping
         between the sides would be a jump, not a derivative) and, unless the weights follow E,
         the weights with their graph into T."""
-        images = batch[0]
+        images = batch.images
         with torch.no_grad():
             tokens = self.mae.embed(images)
-        mask_batch = MaskBatch(images=images, tokens=tokens, mask_ratio=self.mask_ratio)
-        decision = self.policy(mask_batch)
-        validate_decision(decision, mask_batch, self.policy.name)
+        seen = mask_batch(self.mae, images, tokens, self.mask_ratio, batch.priors)
+        decision = self.policy(seen)
+        validate_decision(decision, seen, self.policy.name)
         weights = None if self.weighting.policy_reads_encoder else decision.weights
-        return _PretrainPair(images, decision, weights)
+        return _PretrainPair(images, decision, weights, batch.priors)
 
     def pretrain_loss_at(self, pair: _PretrainPair, params: dict[str, Tensor]) -> Tensor:
         """The pretrain loss at MAE weights ``params`` (detached) under the pair's decision: the
@@ -189,8 +206,8 @@ class MLOObjectives:
         error = self.mae.reconstruction_error(pair.images, pred)
         weights = pair.weights
         if self.weighting.policy_reads_encoder:
-            mask_batch = MaskBatch(images=pair.images, tokens=tokens, mask_ratio=self.mask_ratio)
-            weights = self.policy(mask_batch).weights
+            seen = mask_batch(self.mae, pair.images, tokens, self.mask_ratio, pair.priors)
+            weights = self.policy(seen).weights
         return self.weighting.loss(error, decision.mask, weights)
 
     # --- levels 2 and 3 ----------------------------------------------------------------------
@@ -215,7 +232,7 @@ class MLOObjectives:
         hypergradient, which follows before E changes, differentiates through the same
         features (:meth:`finetune_pair`) instead of running the encoder again."""
         self.counts["finetune/step"] += 1
-        images, labels = batch
+        images, labels = batch.images, batch.labels
         features = self.features(images)
         self._step_features = _StepFeatures(batch, self.counts["pretrain/step"], features)
         return self.head_loss(features, labels)
@@ -225,9 +242,9 @@ class MLOObjectives:
         (which perturbs C only): the step's own when E has not moved since, else computed."""
         kept, self._step_features = self._step_features, None
         if kept is not None and kept.batch is batch and kept.pretrain_steps == self.counts["pretrain/step"]:
-            return kept.features, batch[1]
+            return kept.features, batch.labels
         self.counts["finetune/hypergradient"] += 1
-        return self.features(batch[0]), batch[1]
+        return self.features(batch.images), batch.labels
 
     def finetune_loss_at(self, pair: tuple[Tensor, Tensor], params: dict[str, Tensor]) -> Tensor:
         features, labels = pair
@@ -241,17 +258,17 @@ class MLOObjectives:
     def mask_loss(self, batch: Batch) -> Tensor:
         """Level 3: validation cross-entropy of C(E(T)), plus the policy's regulariser if any."""
         self.counts["mask/step"] += 1
-        images, labels = batch
+        images, labels = batch.images, batch.labels
         loss = self.head_loss(self.features(images), labels)
         if type(self.policy).regularizer is not MaskPolicy.regularizer:
             with self.autocast():
                 # The penalty is a term in T alone: its gradient must not leak into E's seed.
                 with torch.no_grad():
                     tokens = self.mae.embed(images)
-                mask_batch = MaskBatch(images=images, tokens=tokens, mask_ratio=self.mask_ratio)
-                decision = self.policy(mask_batch)
-                validate_decision(decision, mask_batch, self.policy.name)
-                penalty = self.policy.regularizer(decision, mask_batch)
+                seen = mask_batch(self.mae, images, tokens, self.mask_ratio, batch.priors)
+                decision = self.policy(seen)
+                validate_decision(decision, seen, self.policy.name)
+                penalty = self.policy.regularizer(decision, seen)
             if penalty is not None:
                 penalty = full_precision(penalty)
                 self.last_regularizer = penalty.detach()

@@ -111,6 +111,8 @@ class Pretrainer:
         return weights.to(self.context.device)
 
     def _batches(self, split, batch_size: int, stream: int) -> DeviceBatches:
+        """Batches of ``split`` with the priors the policy reads, cropped and flipped with
+        their images (every level's policy call, the hypergradient's included, sees them)."""
         config = self.context.config
         return DeviceBatches(
             split,
@@ -120,6 +122,7 @@ class Pretrainer:
             self.context.std,
             augment=config.pretrain.augment,
             seed=config.seed * 1000 + stream,
+            priors=sorted(self.policy.requires),
         )
 
     def level_steps(self, level: str) -> int:
@@ -303,6 +306,7 @@ class Pretrainer:
         parts = [f"{name} {value:.4f}" for name, value in losses.items()]
         if "mask/prob_masked" in record:
             parts.append(f"p(masked) {record['mask/prob_masked']:.2f}")
+        parts += [f"{key[7:]} {value:.3f}" for key, value in record.items() if key.startswith("policy/")]
         parts.append(f"{rate:.0f} img/s")
         if self.evaluations:
             parts.append(f"val acc {self.evaluations[-1]['accuracy']:.3f}")
@@ -321,7 +325,9 @@ class Pretrainer:
             context.mean,
             context.std,
             context.autocast,
+            priors=sorted(self.policy.requires),
         )
+        stats.update({f"policy/{key}": value for key, value in self.policy.statistics().items()})
         shown = ", ".join(f"{key} {value:.3f}" for key, value in stats.items())
         context.console.print(f"mask statistics on the val split at the end of pretraining: {shown}")
         return stats
@@ -358,10 +364,12 @@ class Pretrainer:
                 record[f"loss/{name}"] = loss
         if self.objectives.last_pretrain is not None:
             latest = self.objectives.last_pretrain
-            for key, value in mask_statistics(latest.decision, latest.error).items():
+            for key, value in mask_statistics(latest.decision, latest.error, latest.priors).items():
                 record[key] = float(value)
         if self.objectives.last_policy_pretrain is not None:
             record["loss/policy_pretrain"] = float(self.objectives.last_policy_pretrain)
+        for key, value in self.policy.statistics().items():
+            record[f"policy/{key}"] = float(value)
         if self.objectives.last_regularizer is not None:
             record["loss/mask_regularizer"] = float(self.objectives.last_regularizer)
         for path, norm in self.mlo.hypergradient_norms().items():

@@ -25,6 +25,7 @@ from maskkit.errors import ConfigError, TrainingDivergedError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.plugins import create_policy, policy_info
 from maskkit.policy import MaskPolicy, PolicyContext
+from maskkit.priors.attach import PriorSpec, attach_priors, check_prior_choice
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
 from maskkit.rundir import RunDir, atomic_write_text
 from maskkit.runtime import device_description, seed_everything, select_device, tune_cpu_runtime
@@ -65,9 +66,15 @@ def stage2_head(config: RunConfig, num_classes: int, device: torch.device) -> Cl
     return head.to(device)
 
 
-def prepare(config: RunConfig, console: Console) -> tuple[torch.device, LabelledDataset, MLOSplits]:
-    """Everything that can fail on user input, done before a run dir is created."""
-    policy_info(config.policy)
+def prepare(
+    config: RunConfig, console: Console, with_priors: bool = True
+) -> tuple[torch.device, LabelledDataset, MLOSplits]:
+    """Everything that can fail on user input, done before a run dir is created: the policy, its
+    prior provider, the device, the data and the priors (built here when the user asked;
+    ``with_priors=False`` skips them for work that never calls the policy, like evaluation)."""
+    requires = policy_info(config.policy).requires if with_priors else frozenset()
+    if with_priors:
+        check_prior_choice(config, requires)
     device = select_device(config.device)
     if device.type == "cpu":
         tune_cpu_runtime()
@@ -77,6 +84,8 @@ def prepare(config: RunConfig, console: Console) -> tuple[torch.device, Labelled
     )
     if config.data.subset is not None:
         dataset = limit_dataset(dataset, config.data.subset)
+    if requires:
+        dataset = attach_priors(dataset, PriorSpec.from_config(config), console)
     splits = make_splits(dataset, config.data.train_portion, config.data.mask_source, config.data.val_portion)
     return device, dataset, splits
 
@@ -129,8 +138,9 @@ def resume(run_dir: Path, overrides: list[dict], console: Console) -> RunDir:
     return run
 
 
-# What a resumed run may change: how it computes, not what it computes.
-ADJUSTABLE_ON_RESUME = ("precision", "device")
+# What a resumed run may change: how it computes, not what it computes (the priors store's key
+# pins the priors themselves, wherever the store is).
+ADJUSTABLE_ON_RESUME = ("precision", "device", "data.build_priors", "data.priors_dir")
 
 
 def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> RunConfig:
