@@ -102,11 +102,12 @@ def test_a_fixed_policy_trains_its_pretrain_parameters_with_the_mae(tmp_path):
 
 def test_the_hook_is_added_once_to_the_pretrain_step_and_kept_out_of_the_hypergradient(tmp_path):
     pretrainer = _pretrainer(tmp_path, ErrorRegression, constant_loss=5.0)
-    objectives, images = pretrainer.objectives, pretrainer.batches["pretrain"].next()[0]
+    objectives, batch = pretrainer.objectives, pretrainer.batches["pretrain"].next()
+    images = batch.images
     with torch.random.fork_rng():
-        step = objectives.pretrain_loss((images, None))
+        step = objectives.pretrain_loss(batch)
     with torch.random.fork_rng():
-        hypergradient = objectives.pretrain_loss((images, None), purpose="hypergradient")
+        hypergradient = objectives.pretrain_loss(batch, purpose="hypergradient")
     with torch.random.fork_rng():
         plain = masked_reconstruction(
             pretrainer.mae, pretrainer.policy, images, objectives.mask_ratio, pretrainer.weighting

@@ -265,7 +265,7 @@ def test_mask_grid_mismatched_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="channels-first"):
         chw = originals.transpose(0, 3, 1, 2)
         plot_mask_grid(chw, chw, chw, tmp_path / "x.png")
-    with pytest.raises(ValueError, match="heatmaps must be"):
+    with pytest.raises(ValueError, match="heatmaps 'mask probability' must be"):
         plot_mask_grid(originals, originals, originals, tmp_path / "x.png", heatmaps=np.zeros((3, 8, 8)))
     with pytest.raises(ValueError, match="row_labels"):
         plot_mask_grid(originals, originals, originals, tmp_path / "x.png", row_labels=["a"])

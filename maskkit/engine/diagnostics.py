@@ -92,7 +92,7 @@ def split_mask_statistics(
             errors.append(result.error.float())
             if result.decision.weights is not None:
                 weights.append(result.decision.weights.float())
-            for name, values in result.priors.items():
+            for name, values in result.batch.priors.items():
                 pooled.setdefault(name, []).append(values.float())
     finally:
         mae.train(modes[0])

@@ -364,7 +364,7 @@ class Pretrainer:
                 record[f"loss/{name}"] = loss
         if self.objectives.last_pretrain is not None:
             latest = self.objectives.last_pretrain
-            for key, value in mask_statistics(latest.decision, latest.error, latest.priors).items():
+            for key, value in mask_statistics(latest.decision, latest.error, latest.batch.priors).items():
                 record[key] = float(value)
         if self.objectives.last_policy_pretrain is not None:
             record["loss/policy_pretrain"] = float(self.objectives.last_policy_pretrain)
