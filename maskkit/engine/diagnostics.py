@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from maskkit.data import ImageSplit, iterate_eval
+from maskkit.distributed import gather_rows, is_distributed, sum_of
+from maskkit.engine.evaluate import share_of_split
 from maskkit.engine.objectives import masked_reconstruction
 from maskkit.models.mae import MaskedAutoencoderViT
 from maskkit.policy import MaskDecision, MaskPolicy
@@ -46,6 +48,24 @@ def mask_statistics(decision: MaskDecision, error: Tensor | None = None) -> dict
     return stats
 
 
+def global_batch(decision: MaskDecision, error: Tensor | None) -> tuple[MaskDecision, Tensor | None]:
+    """The mask ``[B, L]``, weights and error of the global batch, gathered in order from the
+    processes' slices ``[b, L]``, for :func:`mask_statistics` (``decision`` and ``error``
+    themselves with one process). ``ids_keep``/``ids_restore`` are not gathered (empty).
+
+    A process with no rows (a split smaller than the processes' shares) may pass ``[0, L]``
+    tensors and no weights; the weights are gathered when any process has them."""
+    if not is_distributed():
+        return decision, error
+    mask = gather_rows(decision.mask.float())
+    weights = None
+    if sum_of([0.0 if decision.weights is None else 1.0])[0] > 0:
+        local = decision.weights if decision.weights is not None else torch.zeros_like(decision.mask)
+        weights = gather_rows(local.detach().float())
+    ids = torch.zeros(mask.shape[0], 0, dtype=torch.int64, device=mask.device)
+    return MaskDecision(ids, ids, mask, weights), None if error is None else gather_rows(error.detach())
+
+
 @torch.no_grad()
 def split_mask_statistics(
     mae: MaskedAutoencoderViT,
@@ -59,14 +79,15 @@ def split_mask_statistics(
     autocast: Callable,
 ) -> dict[str, float]:
     """:func:`mask_statistics` of ``policy``'s decisions over a whole split (un-augmented, the
-    modules in eval mode), with the reconstruction error of the masked patches."""
+    modules in eval mode), with the reconstruction error of the masked patches. With several
+    processes each decides its share of the batches and the statistics cover all of them."""
     device = next(mae.parameters()).device
     modes = (mae.training, policy.training)
     mae.eval()
     policy.eval()
     masks, weights, errors = [], [], []
     try:
-        for images, _ in iterate_eval(split, batch_size, device, mean, std):
+        for images, _ in iterate_eval(share_of_split(split, batch_size), batch_size, device, mean, std):
             with autocast():
                 result = masked_reconstruction(mae, policy, images, mask_ratio, weighting)
             masks.append(result.decision.mask.float())
@@ -76,7 +97,9 @@ def split_mask_statistics(
     finally:
         mae.train(modes[0])
         policy.train(modes[1])
-    mask = torch.cat(masks)
+    empty = torch.zeros(0, mae.num_patches, device=device)  # a process whose share has no rows
+    mask = torch.cat(masks) if masks else empty
     ids = torch.zeros(mask.shape[0], 0, dtype=torch.int64)
     decision = MaskDecision(ids, ids, mask, torch.cat(weights) if weights else None)
-    return {key: float(value) for key, value in mask_statistics(decision, torch.cat(errors)).items()}
+    decision, error = global_batch(decision, torch.cat(errors) if errors else empty)
+    return {key: float(value) for key, value in mask_statistics(decision, error).items()}
