@@ -262,10 +262,15 @@ def on_main(function: Callable[[], T]) -> T:
     return value
 
 
-def barrier() -> None:
-    if is_distributed():
-        with _collective("waiting for the other processes"):
-            dist.barrier()
+def main_first(function: Callable[[], T]) -> T:
+    """``function()`` on rank 0, then on every other process (each gets its own result): for
+    work that must happen once before the others read it, such as a download into a shared
+    folder. A user error on rank 0 stops every process with its message."""
+    if not is_distributed():
+        return function()
+    results: list[T] = []
+    on_main(lambda: results.append(function()))
+    return results[0] if is_main() else function()
 
 
 # --- dividing work ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from maskkit.distributed import (
     broadcast_modules_,
     check_batch_sizes,
     is_main,
+    main_first,
     on_main,
     separate_random_streams,
     start,
@@ -92,9 +93,14 @@ def prepare(
     if device.type == "cpu":
         tune_cpu_runtime()
     data_dir = config.data.data_dir or default_data_dir()
-    dataset = load_dataset(
-        config.data.dataset, data_dir, image_size=config.model.img_size, download=config.data.download
-    )
+
+    def load() -> LabelledDataset:
+        return load_dataset(
+            config.data.dataset, data_dir, image_size=config.model.img_size, download=config.data.download
+        )
+
+    # A download goes into one folder: rank 0 fetches it before the other processes read it.
+    dataset = main_first(load) if config.data.download else load()
     if config.data.subset is not None:
         dataset = limit_dataset(dataset, config.data.subset)
     splits = make_splits(dataset, config.data.train_portion, config.data.mask_source, config.data.val_portion)
