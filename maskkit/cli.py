@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from maskkit.config import DEFAULT_PRESET, PRESETS, build_config, config_to_yaml, parse_override
+from maskkit.distributed import DEFAULT_TIMEOUT_S, CollectiveFailure, launched_by_torchrun, stop
 from maskkit.errors import ConfigError, MaskkitError
+from maskkit.launch import LaunchFailed, report_worker_failure, run_with_torchrun, worker_arguments
 
 app = typer.Typer(
     name="maskkit",
@@ -220,6 +224,21 @@ def train(
         bool | None,
         typer.Option("--build-priors", help="Build missing priors in the store instead of stopping."),
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Train data-parallel in this many processes on this machine (one per GPU; runs "
+            "torchrun --standalone). Several machines: start torchrun yourself (docs/distributed.md).",
+        ),
+    ] = None,
+    collective_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds a process of a multi-process run waits for the others before the run stops.",
+        ),
+    ] = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Pretrain (MLO when the policy is learnable), fine-tune and evaluate."""
     from maskkit.engine import run as runs
@@ -229,14 +248,31 @@ def train(
         overrides.append({"prior": prior})
     if build_priors:
         overrides.append({"data": {"build_priors": True}})
-    if resume is not None:
-        if config_file is not None or preset != DEFAULT_PRESET or run_dir is not None:
+    if resume is not None and (config_file is not None or preset != DEFAULT_PRESET or run_dir is not None):
+        raise ConfigError(
+            "--resume continues a run with its saved config: drop --config, --preset and --run-dir"
+        )
+    if nproc is not None and nproc > 1:
+        if launched_by_torchrun():
             raise ConfigError(
-                "--resume continues a run with its saved config: drop --config, --preset and --run-dir"
+                "--nproc starts torchrun itself; under torchrun, set the number of processes with "
+                "its --nproc_per_node and drop --nproc"
             )
-        runs.resume(resume, overrides, console)
+        if resume is None:  # a bad config fails here, before any process starts
+            from maskkit.distributed import check_batch_sizes
+            from maskkit.plugins import policy_info
+
+            config = build_config(preset, config_file, overrides)
+            learnable = policy_info(config.policy).learnable
+            check_batch_sizes(runs.batch_sizes(config, learnable), processes=nproc)
+        run_with_torchrun(nproc, worker_arguments(sys.argv[1:]))
         return
-    runs.train(build_config(preset, config_file, overrides), run_dir, console)
+    if resume is not None:
+        runs.resume(resume, overrides, console, collective_timeout)
+    else:
+        config = build_config(preset, config_file, overrides)
+        runs.train(config, run_dir, console, collective_timeout_s=collective_timeout)
+    stop()  # leave the process group of a multi-process run
 
 
 @app.command()
@@ -282,13 +318,41 @@ def config_show(
 def main() -> None:
     """Entry point: user errors end in one line on stderr and exit code 2.
 
-    Typer itself answers usage errors (exit 2) and Ctrl-C (exit 130).
+    Typer itself answers usage errors (exit 2) and Ctrl-C (exit 130). A process of a
+    multi-process run (under torchrun) that fails for any reason also ends in one line, exit code
+    1 (2 for a user error), and records it for torchrun, which stops the other processes.
     """
     try:
         app()
     except MaskkitError as error:
-        error_console.print("[bold red]error:[/]", escape(str(error)), highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(error), 2, every_process=False)
+    except LaunchFailed as error:
+        _print_error(str(error))
+        sys.exit(error.exit_code)
+    except Exception as error:
+        if not launched_by_torchrun():
+            raise
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = detail if isinstance(error, CollectiveFailure) else f"{type(error).__name__}: {detail}"
+        _fail(message, 1, every_process=True, traceback_text=traceback.format_exc())
+
+
+def _print_error(message: str) -> None:
+    error_console.print("[bold red]error:[/]", escape(message), highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, exit_code: int, every_process: bool, traceback_text: str | None = None) -> None:
+    """End with one ``error:`` line and ``exit_code``. Under torchrun the failure is recorded for
+    it; a user error, which every process meets alike, is printed by rank 0 only, and anything
+    else by the process it happened to, named."""
+    if launched_by_torchrun():
+        rank = os.environ.get("RANK", "0")
+        print_here = report_worker_failure(message, traceback_text) and (every_process or rank == "0")
+        if print_here:
+            _print_error(f"process {rank}: {message}" if every_process else message)
+    else:
+        _print_error(message)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,16 @@ def _unique_directory(root: Path, stem: str) -> Path:
 
 
 class RunDir:
-    """Paths and writers of one run directory."""
+    """Paths and writers of one run directory.
 
-    def __init__(self, path: Path) -> None:
+    ``writer=False`` is the view the other processes of a multi-process run hold: it reads like
+    any other, and its writers (:meth:`log`, :meth:`truncate_metrics`, :meth:`write_json`) do
+    nothing, because rank 0 alone writes the run dir.
+    """
+
+    def __init__(self, path: Path, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
 
     @classmethod
     def create(cls, run_dir: Path | None, policy: str, dataset: str, root: Path = Path("runs")) -> RunDir:
@@ -102,6 +108,8 @@ class RunDir:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to ``metrics.jsonl``."""
+        if not self.writer:
+            return
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -119,6 +127,8 @@ class RunDir:
     def truncate_metrics(self, position: tuple[str, int] | None) -> None:
         """Drop the records logged after ``(stage, step)`` (all of them for None): a resumed run
         logs those steps again. Rewritten atomically."""
+        if not self.writer:
+            return
         order = {"pretrain": 0, "finetune": 1}
         if position is None:
             kept = []
@@ -134,6 +144,8 @@ class RunDir:
 
     def write_json(self, name: str, payload: Any) -> Path:
         path = self.path / name
+        if not self.writer:
+            return path
         atomic_write_text(path, json.dumps(payload, indent=2))
         return path
 

@@ -8,6 +8,12 @@ A batch is a :class:`Batch`: images, labels, and the per-pixel prior maps a poli
 The priors are cropped and flipped in the very same gather as their images (they ride along as
 extra channels), so they stay aligned pixel for pixel; they draw no random numbers of their own,
 so a run's batches are the same with or without them.
+
+In a run of several processes every process draws the same *global* batch (the same
+permutation and the same augmentation draws, for all of its rows) and keeps its own contiguous
+slice of it, so the processes' slices together are exactly the batch a single process would
+draw, and the saved data-order state is the global one (a run may resume on a different number
+of processes).
 """
 
 from __future__ import annotations
@@ -158,10 +164,14 @@ class DeviceBatches:
     ``batch_size > N`` the data is cycled through several times per batch). Augmentation runs on
     the device on uint8, then the images are normalised on float.
 
+    With ``world_size > 1`` the batches are the slices of process ``rank``: each call draws the
+    next global batch of ``batch_size`` images, as one process would, and returns its rows
+    ``[rank·b, (rank+1)·b)`` with ``b = batch_size / world_size``.
+
     Attributes:
         epoch: number of completed passes over the split (the current permutation's index).
         position: index into the current permutation of the next image to serve.
-        batch_size: images per batch.
+        batch_size: images per global batch.
         augment: ``"none"``, ``"crop_flip"`` or ``"randaugment"`` (RandAugment, then crop_flip).
         cutout: side of the square :func:`cutout` zeroes in every normalised image (0 = none).
         device: where images and batches live.
@@ -178,6 +188,8 @@ class DeviceBatches:
         seed: int = 0,
         cutout: int = 0,
         priors: Sequence[str] = (),
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         """Hold ``split`` on ``device``.
 
@@ -192,6 +204,8 @@ class DeviceBatches:
             cutout: side in pixels of the square zeroed in each image after normalisation.
             priors: names of the split's prior maps to serve with every batch, augmented with
                 their images (``crop_flip`` or ``none``; RandAugment has no way to move them).
+            rank, world_size: this process and the number of processes sharing each batch;
+                ``batch_size`` must be a multiple of ``world_size``.
         """
         if len(split) == 0:
             raise DataError("cannot draw batches from an empty split.")
@@ -201,6 +215,10 @@ class DeviceBatches:
             raise ValueError(f"augment must be one of {get_args(Augment)}, got {augment!r}")
         if priors and augment == "randaugment":
             raise ValueError("RandAugment would move images without their priors; use crop_flip or none")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(
+                f"a batch of {batch_size} cannot be split evenly across {world_size} processes (rank {rank})"
+            )
         self.device = torch.device(device)
         self.images = split.images.to(self.device)  # [N, 3, H, W] uint8
         self.labels = split.labels.to(self.device)  # [N] int64
@@ -211,6 +229,8 @@ class DeviceBatches:
         self.augment: Augment = augment
         self.cutout = cutout
         self.seed = seed
+        local = batch_size // world_size
+        self._rows = slice(rank * local, (rank + 1) * local)  # this process's rows of a global batch
         self._mean = _stat_tensor(mean, self.device)
         self._std = _stat_tensor(std, self.device)
         self._perm_generator = torch.Generator().manual_seed(seed)
@@ -250,50 +270,60 @@ class DeviceBatches:
                 self._perm = torch.randperm(self.num_items, generator=self._perm_generator)
         return torch.cat(parts)
 
-    def _apply_augment(self, images: Tensor) -> Tensor:
-        """Augment ``[B, C, H, W]`` uint8 images on the device; returns the same shape. Channels
-        past the third (prior maps) go through the same crop and flip (RandAugment is refused
-        with priors)."""
-        if self.augment == "none":
+    def _gather(self, indices: Tensor) -> Tensor:
+        """Images ``[n, 3, H, W]`` uint8 at ``indices`` (``[n]``), with the served prior maps as
+        extra channels, ``[n, 3 + P, H, W]``, so that crop and flip move them together."""
+        indices = indices.to(self.device)
+        images = self.images.index_select(0, indices)
+        if not self.prior_names:
             return images
-        b = images.shape[0]
+        return torch.cat([images, self.prior_maps.index_select(0, indices)], dim=1)
+
+    def _augmented(self, indices: Tensor) -> Tensor:
+        """This process's rows of the global batch ``indices`` (``[B]``), augmented with the
+        global batch's draws; ``[b, 3 + P, H, W]`` uint8 on the device (channels past the third
+        are the prior maps, cropped and flipped with their images; RandAugment is refused with
+        priors)."""
+        rows = self._rows
+        b = indices.shape[0]
         if self._randaugment is not None:
-            # RandAugment draws from the global RNG: fork it, seeded from our generator.
+            # RandAugment draws from the global RNG: fork it, seeded from our generator. It draws
+            # image by image from one stream, so the images before this slice are augmented too,
+            # to leave the stream where a single process would have it.
             rand_seed = int(torch.randint(0, 1 << 62, (), generator=self._aug_generator))
+            upto = self._gather(indices[: rows.stop])
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(rand_seed)
-                images = torch.stack([self._randaugment(img) for img in images])
+                images = torch.stack([self._randaugment(img) for img in upto])[rows]
+        else:
+            images = self._gather(indices[rows])
+        if self.augment == "none":
+            return images
         span = 2 * CROP_PADDING + 1
         top = torch.randint(0, span, (b,), generator=self._aug_generator)
         left = torch.randint(0, span, (b,), generator=self._aug_generator)
         flip = torch.rand(b, generator=self._aug_generator) < 0.5
-        return crop_flip(images, top, left, flip, CROP_PADDING)
+        return crop_flip(images, top[rows], left[rows], flip[rows], CROP_PADDING)
 
     def next(self) -> Batch:
-        """The next training batch.
+        """The next training batch (this process's slice of it).
 
         Returns:
-            ``Batch(images, labels, priors)``: ``[B, 3, H, W]`` float32 normalised, ``[B]`` int64
-            and name → ``[B, H, W]`` float32 in [0, 1], all on ``device``, ``B == batch_size``.
+            ``Batch(images, labels, priors)``: ``[b, 3, H, W]`` float32 normalised, ``[b]`` int64
+            and name → ``[b, H, W]`` float32 in [0, 1], all on ``device``, with
+            ``b == batch_size / world_size``.
         """
-        indices = self._next_indices().to(self.device)
-        images = self.images.index_select(0, indices)
-        labels = self.labels.index_select(0, indices)
-        priors: dict[str, Tensor] = {}
-        if self.prior_names:
-            # One gather for images and priors: the same crop and flip, pixel for pixel.
-            stacked = torch.cat([images, self.prior_maps.index_select(0, indices)], dim=1)
-            stacked = self._apply_augment(stacked)
-            images, maps = stacked[:, :3], stacked[:, 3:]
-            priors = _unpack_priors(maps, self.prior_names)
-        else:
-            images = self._apply_augment(images)
-        images = normalize(images, self._mean, self._std)
+        indices = self._next_indices()  # [B], the global batch
+        rows = self._rows
+        labels = self.labels.index_select(0, indices[rows].to(self.device))
+        stacked = self._augmented(indices)
+        images = normalize(stacked[:, :3], self._mean, self._std)
+        priors = _unpack_priors(stacked[:, 3:], self.prior_names) if self.prior_names else {}
         if self.cutout:
-            b, _, h, w = images.shape
+            b, _, h, w = indices.shape[0], *images.shape[1:]
             centre_y = torch.randint(0, h, (b,), generator=self._aug_generator)
             centre_x = torch.randint(0, w, (b,), generator=self._aug_generator)
-            images = cutout(images, centre_y, centre_x, self.cutout)
+            images = cutout(images, centre_y[rows], centre_x[rows], self.cutout)
         return Batch(images, labels, priors)
 
     def state_dict(self) -> dict[str, Any]:

@@ -29,6 +29,25 @@ finetune level's encoder features; the pretrain level's mask decision). Both sid
 draw the same random numbers (:func:`same_random_draws`), so dropout in the head does not turn
 the finite difference into noise, a flaw the reference shares. See ``docs/mlo.md`` for the
 evaluation count per iteration.
+
+Several processes (``docs/distributed.md``): each level's batch is split across the processes,
+and every level's loss is a mean over its batch, so the global batch's loss is the mean of the
+processes' losses, and its gradient the mean of theirs. All averaging across processes happens
+here, in three places:
+
+1. :meth:`_Level.backward`: a level's own gradients, and for the mask level the seeds
+   dL_val/d(first problem of each path), in one all-reduce.
+2. :func:`hypergradient`: the output of every best-response-Jacobian product. A product is
+   linear in its vector but is computed from one process's slice of the level's batch; with the
+   same (global) vector on every process, the mean of the processes' products is the product of
+   the global batch's loss. Seeds and products being global, every vector that enters a product
+   is global, and the hypergradient equals the single-process one on the global batch (up to
+   floating-point reduction order). Averaging finished per-process hypergradients instead would
+   not: each would be a product of a per-process vector.
+3. :func:`cg_product`: each Hessian-vector product inside conjugate gradient, for the same reason.
+
+:meth:`_Level.get_loss` averages the logged loss, so divergence is detected on every process at
+once. All of it is the identity with one process.
 """
 
 from __future__ import annotations
@@ -51,6 +70,7 @@ from torch.autograd.profiler import record_function
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from maskkit.distributed import average_across_ranks, mean_of
 from maskkit.errors import TrainingDivergedError
 from maskkit.runtime import full_precision
 
@@ -166,7 +186,8 @@ class _Level(ImplicitProblem):
                 loss, loss_dict = super().get_loss(batch)
         except TrainingDivergedError as error:
             self._diverged(str(error))
-        self.last_loss = loss_dict["loss"]
+        # The global batch's loss: the mean of the processes' (equal-sized) slices' losses.
+        self.last_loss = mean_of(loss_dict["loss"])
         if not math.isfinite(self.last_loss):
             self._diverged(f"its loss became {self.last_loss}")
         return loss, loss_dict
@@ -209,7 +230,8 @@ class _Level(ImplicitProblem):
         hop_params = [list(problem.trainable_parameters()) for problem in first_hops]
         inputs = params + extras + [p for group in hop_params for p in group]
         with record_function(f"maskkit.{self.name}.backward"):
-            grads = _grad(loss, inputs, retain_graph=False)
+            # The level's own gradients and the seeds of its paths, averaged over the processes.
+            grads = average_across_ranks(_grad(loss, inputs, retain_graph=False))
         self.set_grads(params, [g for g in grads[: len(params)]])
         self.set_grads(extras, grads[len(params) : len(params) + len(extras)])
         if not paths:
@@ -293,7 +315,7 @@ def hypergradient(
         for path in paths:
             vector = seeds[path[1]]
             for current, following in itertools.pairwise(path[1:]):
-                vector = _product(vector, current, following)
+                vector = global_product(vector, current, following)
             parts[path_name(path)] = [v.detach() for v in vector]
         total = [torch.stack(terms).sum(0) for terms in zip(*parts.values(), strict=True)]
         return total, parts
@@ -310,7 +332,7 @@ def hypergradient(
         if vector is None:
             continue
         for following in successors[current]:
-            product = _product(vector, current, following)
+            product = global_product(vector, current, following)
             target = (
                 result
                 if following is upper
@@ -323,11 +345,17 @@ def hypergradient(
     return result, {}
 
 
-def _product(vector: list[Tensor], current: _Level, previous: _Level) -> list[Tensor]:
-    """The level's best-response-Jacobian product, under a profiler label
-    (``maskkit.product.<level>``; the levels' own work is ``maskkit.<level>.forward/backward``)."""
+def global_product(vector: list[Tensor], current: _Level, following: _Level) -> list[Tensor]:
+    """The best-response-Jacobian product of ``current`` toward ``following`` for the global batch,
+    under a profiler label (``maskkit.product.<level>``; the levels' own work is
+    ``maskkit.<level>.forward/backward``).
+
+    Each process computes the product on its slice of ``current``'s batch with the same global
+    ``vector``; the product is linear in the level's loss, a mean over the batch, so the mean of
+    the processes' products is the global batch's product (the product itself with one process).
+    """
     with record_function(f"maskkit.product.{current.name}"):
-        return JACOBIAN_PRODUCTS[current.config.type](vector, current, previous)
+        return average_across_ranks(JACOBIAN_PRODUCTS[current.config.type](vector, current, following))
 
 
 def _topological_order(successors: dict[_Level, list[_Level]], upper: _Level) -> list[_Level]:
@@ -468,7 +496,10 @@ def cg_product(vector: list[Tensor], current: _Level, previous: _Level) -> list[
     with second_order_attention():
         inner = _inner_gradient(current)
         params = current.trainable_parameters()
-        solution = conjugate_gradient(lambda d: _vjp(inner, params, d), vector, current.config.cg_iterations)
+        # Hessian-vector products of the global batch's loss: the mean of the processes'.
+        solution = conjugate_gradient(
+            lambda d: average_across_ranks(_vjp(inner, params, d)), vector, current.config.cg_iterations
+        )
         return [-g for g in _vjp(inner, previous.trainable_parameters(), solution)]
 
 

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from maskkit.data import ImageSplit, iterate_eval
+from maskkit.distributed import gather_rows, is_distributed, sum_of
+from maskkit.engine.evaluate import share_of_split
 from maskkit.engine.objectives import masked_reconstruction
 from maskkit.models.mae import MaskedAutoencoderViT
 from maskkit.policy import MaskDecision, MaskPolicy
@@ -63,6 +65,24 @@ def mask_statistics(
     return stats
 
 
+def global_batch(decision: MaskDecision, error: Tensor | None) -> tuple[MaskDecision, Tensor | None]:
+    """The mask ``[B, L]``, weights and error of the global batch, gathered in order from the
+    processes' slices ``[b, L]``, for :func:`mask_statistics` (``decision`` and ``error``
+    themselves with one process). ``ids_keep``/``ids_restore`` are not gathered (empty).
+
+    A process with no rows (a split smaller than the processes' shares) may pass ``[0, L]``
+    tensors and no weights; the weights are gathered when any process has them."""
+    if not is_distributed():
+        return decision, error
+    mask = gather_rows(decision.mask.float())
+    weights = None
+    if sum_of([0.0 if decision.weights is None else 1.0])[0] > 0:
+        local = decision.weights if decision.weights is not None else torch.zeros_like(decision.mask)
+        weights = gather_rows(local.detach().float())
+    ids = torch.zeros(mask.shape[0], 0, dtype=torch.int64, device=mask.device)
+    return MaskDecision(ids, ids, mask, weights), None if error is None else gather_rows(error.detach())
+
+
 @torch.no_grad()
 def split_mask_statistics(
     mae: MaskedAutoencoderViT,
@@ -77,7 +97,9 @@ def split_mask_statistics(
     priors: Sequence[str] = (),
 ) -> dict[str, float]:
     """:func:`mask_statistics` of ``policy``'s decisions over a whole split (un-augmented, the
-    modules in eval mode, with the split's ``priors``), with the masked patches' error."""
+    modules in eval mode, with the split's ``priors``), with the reconstruction error of the
+    masked patches. With several processes each decides its share of the batches and the
+    statistics cover all of them."""
     device = next(mae.parameters()).device
     modes = (mae.training, policy.training)
     mae.eval()
@@ -85,7 +107,9 @@ def split_mask_statistics(
     masks, weights, errors = [], [], []
     pooled: dict[str, list[Tensor]] = {}
     try:
-        for images, _, pixel_priors in iterate_eval(split, batch_size, device, mean, std, priors):
+        for images, _, pixel_priors in iterate_eval(
+            share_of_split(split, batch_size), batch_size, device, mean, std, priors
+        ):
             with autocast():
                 result = masked_reconstruction(mae, policy, images, mask_ratio, weighting, pixel_priors)
             masks.append(result.decision.mask.float())
@@ -97,9 +121,14 @@ def split_mask_statistics(
     finally:
         mae.train(modes[0])
         policy.train(modes[1])
-    mask = torch.cat(masks)
+    empty = torch.zeros(0, mae.num_patches, device=device)  # a process whose share has no rows
+    mask = torch.cat(masks) if masks else empty
     ids = torch.zeros(mask.shape[0], 0, dtype=torch.int64)
     decision = MaskDecision(ids, ids, mask, torch.cat(weights) if weights else None)
-    all_priors = {name: torch.cat(values) for name, values in pooled.items()}
-    stats = mask_statistics(decision, torch.cat(errors), all_priors)
-    return {key: float(value) for key, value in stats.items()}
+    decision, error = global_batch(decision, torch.cat(errors) if errors else empty)
+    # Every process gathers every served prior, also one whose share had no rows.
+    all_priors = {
+        name: gather_rows(torch.cat(pooled[name]) if name in pooled else empty)
+        for name in sorted(set(priors) | set(pooled))
+    }
+    return {key: float(value) for key, value in mask_statistics(decision, error, all_priors).items()}

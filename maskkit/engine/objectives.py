@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from maskkit.data import Batch
+from maskkit.distributed import mean_of, world_size
 from maskkit.errors import TrainingDivergedError
 from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
@@ -225,7 +226,17 @@ class MLOObjectives:
                 logits = self.head(features)
             else:
                 logits = functional_call(self.head, head_params, (features,))
-            return F.cross_entropy(full_precision(logits), labels, weight=self.class_weights)
+            return self._cross_entropy(full_precision(logits), labels)
+
+    def _cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of ``logits [B, classes]``, a mean over the batch. Class-weighted, it is
+        Σ w_y·ℓ / Σ w_y; with several processes the denominator is the global batch's (its mean
+        per process), so the processes' losses still average to the global batch's loss."""
+        if self.class_weights is None or world_size() == 1:
+            return F.cross_entropy(logits, labels, weight=self.class_weights)
+        weight_per_process = mean_of(float(self.class_weights[labels].sum()))
+        weighted_sum = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        return weighted_sum / weight_per_process
 
     def finetune_loss(self, batch: Batch) -> Tensor:
         """Level 2's own step. Its features keep their graph into E: the mask level's

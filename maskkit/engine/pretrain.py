@@ -4,6 +4,10 @@ The levels (pretrain, finetune, mask) are described in betty-free terms
 (:class:`~maskkit.engine.betty_glue.LevelSpec`) and stepped by
 :class:`~maskkit.engine.betty_glue.MultiLevelOptimizer`. A policy with ``learnable = False``
 runs the pretrain level alone.
+
+With several processes every process runs this loop in step; each level's batches are the
+process's slices of the global batches, and the averaging across processes happens in the
+betty glue. Logged values are those of the global batch; rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -14,17 +18,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from maskkit.checkpoint import Checkpoint, save_checkpoint
+from maskkit.checkpoint import Checkpoint
 from maskkit.data import DeviceBatches
+from maskkit.distributed import gather_rows, mean_of, rank, restore_rng_state, world_size
 from maskkit.engine.betty_glue import FunctionalLoss, LevelSpec, MultiLevelOptimizer
 from maskkit.engine.context import RunContext
-from maskkit.engine.diagnostics import mask_statistics, split_mask_statistics
+from maskkit.engine.diagnostics import global_batch, mask_statistics, split_mask_statistics
 from maskkit.engine.objectives import MLOObjectives
 from maskkit.engine.optim import adamw_from_config, cosine_schedule, parameter_groups
 from maskkit.errors import PluginError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.policy import MaskPolicy
-from maskkit.runtime import rng_state, set_rng_state
+from maskkit.runtime import rng_state
 from maskkit.weighting import loss_weighting
 
 
@@ -123,6 +128,8 @@ class Pretrainer:
             augment=config.pretrain.augment,
             seed=config.seed * 1000 + stream,
             priors=sorted(self.policy.requires),
+            rank=rank(),
+            world_size=world_size(),
         )
 
     def level_steps(self, level: str) -> int:
@@ -228,7 +235,7 @@ class Pretrainer:
         for name, batches in self.batches.items():
             batches.load_state_dict(state["batches"][name])
         self.mlo.load_state_dict(state["mlo"])
-        set_rng_state(state["rng"])
+        restore_rng_state(state, self.context.config.seed)
         self.best_accuracy = state["best_accuracy"]
         self.objectives.counts.clear()
         self.objectives.counts.update(state["evaluation_counts"])
@@ -242,9 +249,7 @@ class Pretrainer:
         self.load_training_state(checkpoint.state)
 
     def save(self, step: int, pointers: tuple[str, ...]) -> None:
-        save_checkpoint(
-            self.context.run.checkpoints, step, self.modules(), self.training_state(step), pointers
-        )
+        self.context.save_checkpoint(step, self.modules(), self.training_state(step), pointers)
 
     # --- the loop ----------------------------------------------------------------------------
     def step(self, step: int) -> None:
@@ -364,14 +369,16 @@ class Pretrainer:
                 record[f"loss/{name}"] = loss
         if self.objectives.last_pretrain is not None:
             latest = self.objectives.last_pretrain
-            for key, value in mask_statistics(latest.decision, latest.error, latest.batch.priors).items():
+            decision, error = global_batch(latest.decision, latest.error)
+            priors = {name: gather_rows(values) for name, values in latest.batch.priors.items()}
+            for key, value in mask_statistics(decision, error, priors).items():
                 record[key] = float(value)
         if self.objectives.last_policy_pretrain is not None:
-            record["loss/policy_pretrain"] = float(self.objectives.last_policy_pretrain)
+            record["loss/policy_pretrain"] = mean_of(float(self.objectives.last_policy_pretrain))
         for key, value in self.policy.statistics().items():
             record[f"policy/{key}"] = float(value)
         if self.objectives.last_regularizer is not None:
-            record["loss/mask_regularizer"] = float(self.objectives.last_regularizer)
+            record["loss/mask_regularizer"] = mean_of(float(self.objectives.last_regularizer))
         for path, norm in self.mlo.hypergradient_norms().items():
             record[f"hypergradient/{path}_norm"] = norm
         for name, level in self.mlo.levels.items():
