@@ -117,7 +117,7 @@ def run_case(name: str, workdir: Path, steps: int = STEPS) -> dict:
 def _in_float64(pretrainer: Pretrainer) -> None:
     for level in pretrainer.mlo.levels.values():
         source = level.spec.next_batch
-        level.spec.next_batch = lambda source=source: (lambda batch: (batch[0].double(), batch[1]))(source())
+        level.spec.next_batch = lambda source=source: (lambda batch: batch._replace(images=batch.images.double()))(source())
     if pretrainer.objectives.class_weights is not None:
         pretrainer.objectives.class_weights = pretrainer.objectives.class_weights.double()
 

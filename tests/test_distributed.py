@@ -159,7 +159,7 @@ def test_the_slices_of_the_processes_are_the_single_process_batch(augment, cutou
         for r in range(4)
     ]
     for _ in range(6):  # past an epoch boundary (21 images)
-        images, labels = single.next()
+        images, labels, _ = single.next()
         slices = [part.next() for part in parts]
         assert all(len(piece[1]) == 2 for piece in slices)
         assert torch.equal(torch.cat([piece[0] for piece in slices]), images)
@@ -178,8 +178,27 @@ def test_the_slices_of_the_processes_are_the_single_process_batch(augment, cutou
     ]
     for half in halves:
         half.load_state_dict(states[0])
-    images, _ = single.next()
+    images = single.next().images
     assert torch.equal(torch.cat([half.next()[0] for half in halves]), images)
+
+
+def test_the_priors_ride_along_in_every_process_slice():
+    split = _split()
+    generator = torch.Generator().manual_seed(1)
+    split.priors["otsu"] = torch.randint(0, 256, (len(split), 12, 12), generator=generator, dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    single = DeviceBatches(split, 8, "cpu", mean, std, augment="crop_flip", seed=3, priors=["otsu"])
+    parts = [
+        DeviceBatches(
+            split, 8, "cpu", mean, std, augment="crop_flip", seed=3, priors=["otsu"], rank=r, world_size=2
+        )
+        for r in range(2)
+    ]
+    for _ in range(4):
+        whole = single.next()
+        slices = [part.next() for part in parts]
+        assert torch.equal(torch.cat([piece.images for piece in slices]), whole.images)
+        assert torch.equal(torch.cat([piece.priors["otsu"] for piece in slices]), whole.priors["otsu"])
 
 
 def test_uneven_batches_are_refused_with_the_keys_named():
