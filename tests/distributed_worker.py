@@ -117,7 +117,12 @@ def run_case(name: str, workdir: Path, steps: int = STEPS) -> dict:
 def _in_float64(pretrainer: Pretrainer) -> None:
     for level in pretrainer.mlo.levels.values():
         source = level.spec.next_batch
-        level.spec.next_batch = lambda source=source: (lambda batch: batch._replace(images=batch.images.double()))(source())
+
+        def in_float64(source=source):
+            batch = source()
+            return batch._replace(images=batch.images.double())
+
+        level.spec.next_batch = in_float64
     if pretrainer.objectives.class_weights is not None:
         pretrainer.objectives.class_weights = pretrainer.objectives.class_weights.double()
 
