@@ -1,4 +1,5 @@
-"""``benchmarks/step_time.py`` runs end to end at the smoke preset and writes sane numbers."""
+"""``benchmarks/step_time.py``: its parts (the breakdown, the compared settings, issue 8's
+reference figures) on smoke-sized models, and the script end to end at the smoke preset."""
 
 from __future__ import annotations
 
@@ -8,39 +9,238 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.autograd.profiler import record_function
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "step_time.py"
+sys.path.insert(0, str(BENCHMARKS))
+
+from steptime.breakdown import (  # noqa: E402
+    ENGINE_PARTS,
+    OPTIMIZER,
+    OTHER,
+    ScopeFlopCounter,
+    attribute_self_times,
+    make_breakdown,
+    time_profiler,
+)
+from steptime.main import planned_runs  # noqa: E402
+from steptime.options import parse_args  # noqa: E402
+from steptime.reference import QUOTED_FIGURES, compare  # noqa: E402
+from steptime.report import add_derived, markdown  # noqa: E402
+from steptime.runner import benchmark_policy  # noqa: E402
+from steptime.variants import Variant, expand_variants  # noqa: E402
+from steptime.workloads import REFERENCE_MODEL  # noqa: E402
+
 POLICIES = ("random", "mlo", "mlo-light", "blockwise", "hpm")
+#: A smoke-preset run small enough for a unit test: one iteration, nothing else.
+QUICK = [
+    "--preset",
+    "smoke",
+    "--batch-size",
+    "8",
+    "--iterations",
+    "1",
+    "--warmup",
+    "0",
+    "--peak-seconds",
+    "0",
+]
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- the breakdown
+
+
+def _labelled_matmuls(size: int = 64) -> None:
+    """One matmul under pretrain forward, one under product.pretrain nested in it, one outside
+    every labelled scope, and one under an unlabelled scope inside mask backward."""
+    a = torch.randn(size, size)
+    with record_function("maskkit.pretrain.forward"):
+        a @ a
+        with record_function("maskkit.product.pretrain"):
+            a @ a
+    a @ a
+    with record_function("maskkit.mask.backward"), record_function("some.other.label"):
+        a @ a
+
+
+def test_scope_flop_counter_charges_each_op_to_the_innermost_labelled_scope() -> None:
+    with ScopeFlopCounter() as counter:
+        _labelled_matmuls(64)
+    matmul = 2 * 64**3
+    assert counter.total_flops == 4 * matmul
+    assert counter.flops["maskkit.pretrain.forward"] == matmul
+    assert counter.flops["maskkit.product.pretrain"] == matmul
+    assert counter.flops["maskkit.mask.backward"] == matmul  # an unlabelled scope inside counts to it
+    assert counter.flops[OTHER] == matmul
+    assert sum(counter.flops.values()) == counter.total_flops
+    assert counter.calls["maskkit.pretrain.forward"] == 1 and "some.other.label" not in counter.calls
+
+
+def test_profiled_self_times_go_to_their_labelled_scopes_and_add_up() -> None:
+    profiler = time_profiler(CPU)
+    with profiler:
+        _labelled_matmuls(256)
+    seconds, calls = attribute_self_times(profiler.events(), CPU)
+    assert {"maskkit.pretrain.forward", "maskkit.product.pretrain", "maskkit.mask.backward"} <= set(seconds)
+    assert all(value > 0 for value in seconds.values())
+    assert calls["maskkit.product.pretrain"] == 1
+    breakdown = make_breakdown(CPU, 1.0, seconds, calls, None)
+    assert sum(part.seconds for part in breakdown.parts) == pytest.approx(1.0)
+    assert breakdown.parts[-1].part == OTHER and breakdown.parts[-1].seconds > 0
+
+
+def test_an_mlo_iteration_breaks_down_into_every_level_and_product() -> None:
+    args = parse_args([*QUICK, "--no-policy-subprocess", "--unroll", "1/1/1"])
+    row = benchmark_policy(args, "mlo")
+    assert row["status"] == "ok", row.get("error")
+    breakdown = row["breakdown"]
+    parts = {part["part"]: part for part in breakdown["parts"]}
+    assert set(ENGINE_PARTS) <= set(parts), "every engine label must show up in an MLO iteration"
+    for key in ENGINE_PARTS:
+        assert parts[key]["calls"] >= 1 and parts[key]["seconds"] > 0, key
+    assert parts["maskkit.product.pretrain"]["flops"] > 0
+    assert parts[OPTIMIZER]["calls"] == 3  # one AdamW step per level at 1/1/1
+    # The parts add up to the profiled iteration's wall time and to the FLOP counter's total,
+    # which is the FLOP / iteration column; the labelled parts alone stay within the wall time.
+    total_s = breakdown["total_seconds"]
+    assert sum(part["seconds"] for part in parts.values()) == pytest.approx(total_s, rel=1e-6)
+    assert parts[OTHER]["seconds"] >= -0.02 * total_s
+    assert sum(part["flops"] for part in parts.values()) == breakdown["total_flops"]
+    assert breakdown["total_flops"] == row["flops_per_iteration"]
+
+
+def test_a_plain_mae_iteration_has_only_the_pretrain_level() -> None:
+    row = benchmark_policy(parse_args([*QUICK, "--no-policy-subprocess"]), "random")
+    labelled = {part["part"] for part in row["breakdown"]["parts"] if part["part"].startswith("maskkit.")}
+    assert labelled == {"maskkit.pretrain.forward", "maskkit.pretrain.backward"}
+
+
+# --------------------------------------------------------------------------- settings compared
+
+
+def test_variants_are_every_combination_of_the_values_given() -> None:
+    variants = expand_variants("1/1/1,2/1/1", "exact,finite-difference", "1,4")
+    assert len(variants) == 8
+    assert variants[0] == Variant("1/1/1", "exact", 1)
+    assert variants[-1].label == "unroll 2/1/1, finite-difference, mask every 4"
+    override = Variant("2/1/1", "finite-difference", 4).config_override()
+    assert override["pretrain"]["unroll_steps"] == 2
+    assert override["finetune"]["unroll_steps"] == 4  # --mask-every wins over --unroll's finetune part
+    assert override["mask"]["darts_mode"] == "finite-difference"
+    assert expand_variants(None, None, None) == [Variant()]
+    for bad in (("1/1", None, None), (None, "central", None), (None, None, "0")):
+        with pytest.raises(ValueError):
+            expand_variants(*bad)
+
+
+def test_the_baseline_runs_once_and_learnable_policies_once_per_setting() -> None:
+    args = parse_args([*QUICK, "--policies", "mlo,random", "--unroll", "1/1/1,2/1/1"])
+    assert planned_runs(args) == [("random", 0), ("mlo", 0), ("mlo", 1)]
+    assert planned_runs(parse_args([*QUICK, "--policies", "mlo,random"])) == [("mlo", 0), ("random", 0)]
+
+
+def test_the_reference_workload_sets_issue_8s_configuration_and_flags_win() -> None:
+    args = parse_args(["--preset", "reference-cpu"])
+    assert args.config_preset == "cpu"
+    assert {key: getattr(args, key) for key in REFERENCE_MODEL} == REFERENCE_MODEL
+    assert (args.batch_size, args.threads, args.device, args.unroll) == (8, 1, "cpu", "1/1/1")
+    assert args.policy_list == ["random", "mlo"]
+    args = parse_args(["--preset", "reference-cpu", "--batch-size", "32", "--unroll", "1/1/1,2/1/1"])
+    assert args.batch_size == 32 and [v.unroll for v in args.variants] == ["1/1/1", "2/1/1"]
+
+
+# --------------------------------------------------------------------------- issue 8's figures
+
+
+def _reference_meta(threads: int = 1, batch: int = 8) -> dict:
+    return {
+        "model": {**REFERENCE_MODEL, "num_patches": 256},
+        "run": {"batch_sizes": f"{batch}/{batch}/{batch}"},
+        "hardware": {"torch_threads": threads, "device": "cpu", "compute": "fp32"},
+    }
+
+
+def _row(policy: str, unroll: dict, iteration_s: float, steps: int, flops: float, label: str) -> dict:
+    return {
+        "policy": policy,
+        "status": "ok",
+        "unroll_steps": unroll,
+        "median_iteration_s": iteration_s,
+        "per_pretrain_step_s": iteration_s / steps,
+        "flops_per_iteration": flops,
+        "variant_label": label,
+    }
+
+
+def test_the_quoted_figures_sit_beside_this_run_and_the_goal_is_checked() -> None:
+    one, two = {"pretrain": 1, "finetune": 1, "mask": 1}, {"pretrain": 2, "finetune": 1, "mask": 1}
+    results = [
+        _row("random", one, 0.4, 1, 30e9, "pretrain level only"),
+        _row("mlo", one, 2.0, 1, 130e9, "unroll 1/1/1"),
+        _row("mlo", two, 3.0, 2, 170e9, "unroll 2/1/1"),
+    ]
+    add_derived(results, None)
+    assert results[1]["ratio_vs_random"] == pytest.approx(5.0)
+    assert results[2]["ratio_vs_random"] == pytest.approx(3.75)  # per pretrain step
+    comparison = compare(results, _reference_meta())
+    figures = {(row["label"], row["setting"]): row for row in comparison["figures"]}
+    assert len(figures) == len(QUOTED_FIGURES)
+    iteration = figures[("MLO iteration", "reference configuration")]
+    assert (iteration["reference"], iteration["maskkit_at_filing"], iteration["this_run"]) == (
+        5.11,
+        4.02,
+        2.0,
+    )
+    assert figures[("plain MAE step (baseline)", "reference configuration")]["this_run"] == 0.4
+    assert figures[("MLO iteration", "batch 32")]["this_run"] is None  # another batch: not run here
+    goal = comparison["goal"]
+    assert goal["evaluated"]
+    results_by_metric = {check["metric"]: check["passed"] for check in goal["checks"]}
+    assert results_by_metric == {
+        "flops_per_iteration": True,
+        "mlo_iteration_s": True,
+        "mlo_over_mae": True,
+        "mae_step_s": True,
+    }
+
+    elsewhere = compare(results, _reference_meta(threads=2))
+    assert not elsewhere["goal"]["evaluated"]
+    assert any("threads" in reason for reason in elsewhere["goal"]["not_comparable"])
+    assert all(row["this_run"] is None for row in elsewhere["figures"])
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _run(tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
+    output = tmp_path / "out.json"
+    command = [sys.executable, str(SCRIPT), *options, "--json", str(output), "--markdown"]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert list(tmp_path.iterdir()) == [output], "the script must write nothing but its --json file"
+    return completed, json.loads(output.read_text())
 
 
 @pytest.mark.slow
 def test_step_time_script_reports_every_policy(tmp_path: Path) -> None:
-    output = tmp_path / "out.json"
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--preset",
-        "smoke",
-        "--policies",
-        ",".join(POLICIES),
-        "--iterations",
-        "1",
-        "--warmup",
-        "0",
-        "--peak-seconds",
-        "0.1",
+    completed, report = _run(
+        tmp_path,
+        *("--preset", "smoke", "--policies", ",".join(POLICIES), "--iterations", "1", "--warmup", "0"),
+        *("--peak-seconds", "0.1"),
         # One process for all policies: each fresh worker would import torch again (seconds).
         "--no-policy-subprocess",
-        "--json",
-        str(output),
-        "--markdown",
-    ]
-    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert list(tmp_path.iterdir()) == [output], "the script must write nothing but its --json file"
+    )
     assert "| policy |" in completed.stdout
+    assert "**Breakdown of one mlo iteration**" in completed.stdout
+    assert "| product at the pretrain level |" in completed.stdout
+    # Issue 8's figures are always printed, labelled as quoted, with its goal.
+    assert "5.11 s" in completed.stdout and "284 GFLOP" in completed.stdout
+    assert "quoted from issue 8" in completed.stdout and "not re-measured" in completed.stdout
+    assert "MLO ÷ MAE ≤ 5×" in completed.stdout
 
-    report = json.loads(output.read_text())
     rows = {row["policy"]: row for row in report["results"]}
     assert set(rows) == set(POLICIES)
     for name, row in rows.items():
@@ -53,6 +253,7 @@ def test_step_time_script_reports_every_policy(tmp_path: Path) -> None:
         assert row["memory"]["peak_bytes"] > 0
         assert row["parameters"]["mae"] > 0
         assert row["steps_per_iteration"] == 2  # the smoke preset's 2/1/1 unroll
+        assert row["breakdown"]["total_flops"] == row["flops_per_iteration"]
 
     random, mlo = rows["random"], rows["mlo"]
     assert random["loss_evaluations"] == {"pretrain/step": 2}
@@ -81,3 +282,33 @@ def test_step_time_script_reports_every_policy(tmp_path: Path) -> None:
     assert hpm["parameters"]["trained"] == hpm["parameters"]["mae"] + hpm["parameters"]["policy_pretrain"]
     assert hpm["flops_per_iteration"] > random["flops_per_iteration"]  # the predictor's passes
     assert "(pretrain level)" in completed.stdout and "(not trained)" in completed.stdout
+    assert report["cpu_tuning"]["enabled"] and report["cpu_tuning"]["applied"]
+    assert report["reference_comparison"]["goal"]["evaluated"] is False
+
+
+@pytest.mark.slow
+def test_step_time_script_compares_unroll_settings_in_fresh_workers(tmp_path: Path) -> None:
+    completed, report = _run(
+        tmp_path,
+        *("--preset", "smoke", "--batch-size", "8", "--policies", "random,mlo"),
+        *("--unroll", "1/1/1,2/1/1", "--iterations", "1", "--warmup", "0", "--peak-seconds", "0"),
+        *("--threads", "1", "--no-cpu-tuning", "--no-reference"),
+    )
+    rows = report["results"]
+    assert [(row["policy"], row["variant_label"]) for row in rows] == [
+        ("random", "pretrain level only"),
+        ("mlo", "unroll 1/1/1"),
+        ("mlo", "unroll 2/1/1"),
+    ]
+    assert all(row["status"] == "ok" for row in rows), [row.get("error") for row in rows]
+    assert [row["steps_per_iteration"] for row in rows[1:]] == [1, 2]
+    for row in rows[1:]:
+        assert row["ratio_vs_random"] == pytest.approx(
+            row["per_pretrain_step_s"] / rows[0]["per_pretrain_step_s"]
+        )
+    assert report["hardware"]["torch_threads"] == 1
+    assert report["cpu_tuning"] == {"enabled": False, "applies_to_device": True, "applied": []}
+    assert "| setting | policy |" in completed.stdout
+    assert "CPU tuning: off" in completed.stdout
+    assert "Issue 8" not in completed.stdout
+    assert markdown(report, rows).count("**Breakdown of one") == 3
