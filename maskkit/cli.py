@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -26,14 +29,23 @@ app.add_typer(config_app, name="config")
 
 console = Console()
 error_console = Console(stderr=True)
+# Width for tables printed to a pipe: wide enough that no row ever wraps.
+UNWRAPPED_WIDTH = 10_000
 
 
 @app.command()
-def policies() -> None:
+def policies(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (policies and load failures) for scripts.")
+    ] = False,
+) -> None:
     """List installed masking policies: name, distribution, learnable, needs, description."""
-    from maskkit.plugins import get_registry
+    from maskkit.plugins import get_registry, registry_as_dict
 
     registry = get_registry()
+    if as_json:
+        typer.echo(json.dumps(registry_as_dict(registry), indent=2, ensure_ascii=False))
+        return
     table = Table(title="Installed masking policies")
     for column in ("name", "distribution", "learnable", "needs", "description"):
         table.add_column(column)
@@ -45,7 +57,8 @@ def policies() -> None:
             ", ".join(sorted(info.requires)) or "-",
             info.description,
         )
-    console.print(table)
+    # In a pipe or a log file, rows stay whole instead of wrapping at 80 columns.
+    (console if console.is_terminal else Console(width=UNWRAPPED_WIDTH)).print(table)
     for failure in registry.failures:
         error_console.print(
             "[yellow]warning:[/]", escape(failure.one_line()), soft_wrap=True, highlight=False
@@ -168,11 +181,14 @@ def config_show(
 def main() -> None:
     """Entry point: user errors end in one line on stderr and exit code 2.
 
-    Typer itself answers usage errors (exit 2) and Ctrl-C (exit 130).
+    Typer itself answers usage errors (exit 2) and Ctrl-C (exit 130). With ``MASKKIT_DEBUG=1``
+    the traceback of a user error is printed above its line (for plugin authors).
     """
     try:
         app()
     except MaskkitError as error:
+        if os.environ.get("MASKKIT_DEBUG", "") not in ("", "0"):
+            traceback.print_exception(error)
         error_console.print("[bold red]error:[/]", escape(str(error)), highlight=False, soft_wrap=True)
         sys.exit(2)
 

@@ -131,6 +131,28 @@ class MalformedDecisionError(PluginError):
     """A policy returned a decision that breaks the contract."""
 
 
+# What to do about each kind of malformed decision (the last part of the error line).
+BUILD_ADVICE = (
+    "build the decision with maskkit.policy.decision_from_scores(scores [B, L], batch.mask_ratio), "
+    "which keeps ids_keep, ids_restore and mask consistent"
+)
+RATIO_ADVICE = (
+    "mask exactly L - int(L * (1 - batch.mask_ratio)) patches per image, at the run's ratio "
+    "batch.mask_ratio (not a ratio of the policy's own); decision_from_scores(scores, "
+    "batch.mask_ratio) does this"
+)
+DTYPE_ADVICE = "indices must be torch.int64, as torch.argsort returns them: drop the cast"
+WEIGHTS_SHAPE_ADVICE = (
+    "weights are one value per patch, [B, L] in the order of batch.tokens (row-major over the "
+    "grid): pass decision_from_scores(scores, batch.mask_ratio, weights=w) a w shaped like scores"
+)
+NONFINITE_WEIGHTS_ADVICE = (
+    "check the policy's scores and sigmoid for a log of 0, a division by zero or an overflowing "
+    "exp; if it starts only after some steps, its parameters diverged at level 3: lower "
+    "pretrain.mask.lr (--set pretrain.mask.lr=...)"
+)
+
+
 def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str) -> None:
     """Check a decision against the contract; raise :class:`MalformedDecisionError` if broken.
 
@@ -139,14 +161,16 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
     and that ``weights`` (if any) are finite.
     """
 
-    def fail(problem: str) -> None:
+    def fail(problem: str, advice: str = BUILD_ADVICE) -> None:
         raise MalformedDecisionError(
-            f"mask policy '{policy_name}' returned a malformed decision: {problem}. "
-            "Build decisions with maskkit.policy.decision_from_scores, or fix the plugin."
+            f"mask policy '{policy_name}' returned a malformed decision: {problem}. Fix: {advice}."
         )
 
     if not isinstance(decision, MaskDecision):
-        fail(f"expected a MaskDecision, got {type(decision).__name__}")
+        fail(
+            f"expected a MaskDecision, got {type(decision).__name__}",
+            "forward must return a MaskDecision, e.g. decision_from_scores(scores, batch.mask_ratio)",
+        )
     batch_size, num_patches = batch.tokens.shape[:2]
     num_keep = batch.num_keep
     expected = {
@@ -159,12 +183,20 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
         if not isinstance(value, Tensor):
             fail(f"{name} is {type(value).__name__}, not a tensor")
         if tuple(value.shape) != shape:
-            fail(f"{name} has shape {list(value.shape)}, expected {list(shape)}")
+            # The right batch size but another count of kept patches: a ratio of the policy's own.
+            other_keep = name == "ids_keep" and value.dim() == 2 and value.shape[0] == batch_size
+            fail(
+                f"{name} has shape {list(value.shape)}, expected {list(shape)}",
+                RATIO_ADVICE if other_keep else BUILD_ADVICE,
+            )
     for name in ("ids_keep", "ids_restore"):
         if getattr(decision, name).dtype != torch.int64:
-            fail(f"{name} has dtype {getattr(decision, name).dtype}, expected torch.int64")
+            fail(f"{name} has dtype {getattr(decision, name).dtype}, expected torch.int64", DTYPE_ADVICE)
     if not decision.mask.is_floating_point():
-        fail(f"mask has dtype {decision.mask.dtype}, expected a float dtype")
+        fail(
+            f"mask has dtype {decision.mask.dtype}, expected a float dtype",
+            "mask is float, 1 = masked, 0 = kept: convert it with mask.float()",
+        )
     ids_keep, ids_restore, mask = decision.ids_keep, decision.ids_restore, decision.mask
     if ids_restore.min() < 0 or ids_restore.max() >= num_patches:
         fail(f"ids_restore holds values outside [0, {num_patches})")
@@ -179,7 +211,8 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
     if not bool((masked_per_row == num_patches - num_keep).all()):
         fail(
             f"mask must mask exactly {num_patches - num_keep} of {num_patches} patches per image "
-            f"(ratio {batch.mask_ratio}), got {masked_per_row.tolist()[:4]}…"
+            f"(ratio {batch.mask_ratio}), got {masked_per_row.tolist()[:4]}…",
+            RATIO_ADVICE,
         )
     if num_keep and not bool((torch.gather(mask, 1, ids_keep) == 0).all()):
         fail("ids_keep names patches that mask marks as masked")
@@ -189,9 +222,15 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
     if decision.weights is not None:
         weights = decision.weights
         if not isinstance(weights, Tensor) or tuple(weights.shape) != (batch_size, num_patches):
-            fail(f"weights must be a [B, L] = [{batch_size}, {num_patches}] tensor or None")
-        if not bool(torch.isfinite(weights.detach()).all()):
-            fail("weights hold non-finite values")
+            got = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            fail(
+                f"weights must be a [B, L] = [{batch_size}, {num_patches}] tensor or None, got {got}",
+                WEIGHTS_SHAPE_ADVICE,
+            )
+        finite = torch.isfinite(weights.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            fail(f"the weights hold NaN/inf ({bad} of {finite.numel()} values)", NONFINITE_WEIGHTS_ADVICE)
 
 
 class MaskPolicy(nn.Module, abc.ABC):

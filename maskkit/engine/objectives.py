@@ -7,6 +7,9 @@
 - Level 3, mask (T): cross-entropy of C(E(T)) on held-out data. It does not depend on T
   directly; its gradient reaches T only through the hypergradient.
 
+The policy is called only through :mod:`maskkit.engine.policy_calls`, so an exception raised in
+plugin code ends in one line naming the plugin.
+
 Each lower level also offers its loss as a function of its own parameters for the ``darts``
 hypergradient product: a part computed once (``*_pair``) and the loss at given parameters
 (``*_loss_at``), which the product differentiates in forward mode or evaluates at ±εv.
@@ -24,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from maskkit.engine.policy_calls import checked_decision, checked_regularizer, plugin_code
 from maskkit.errors import TrainingDivergedError
 from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
-from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, validate_decision
+from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy
 from maskkit.runtime import full_precision
 from maskkit.weighting import LossWeighting
 
@@ -75,9 +79,7 @@ def decide(
         # "malformed decision" of a policy that did nothing wrong.
         raise TrainingDivergedError("the patch embeddings became non-finite")
     batch = MaskBatch(images=images, tokens=weighting.policy_tokens(tokens), mask_ratio=mask_ratio)
-    decision = policy(batch)
-    validate_decision(decision, batch, policy.name)
-    return tokens, batch, decision
+    return tokens, batch, checked_decision(policy, batch)
 
 
 def masked_reconstruction(
@@ -158,8 +160,7 @@ class MLOObjectives:
         with torch.no_grad():
             tokens = self.mae.embed(images)
         mask_batch = MaskBatch(images=images, tokens=tokens, mask_ratio=self.mask_ratio)
-        decision = self.policy(mask_batch)
-        validate_decision(decision, mask_batch, self.policy.name)
+        decision = checked_decision(self.policy, mask_batch)
         weights = None if self.weighting.policy_reads_encoder else decision.weights
         return _PretrainPair(images, decision, weights)
 
@@ -174,7 +175,8 @@ class MLOObjectives:
         weights = pair.weights
         if self.weighting.policy_reads_encoder:
             mask_batch = MaskBatch(images=pair.images, tokens=tokens, mask_ratio=self.mask_ratio)
-            weights = self.policy(mask_batch).weights
+            with plugin_code(self.policy, "forward"):
+                weights = self.policy(mask_batch).weights
         return self.weighting.loss(error, decision.mask, weights)
 
     # --- levels 2 and 3 ----------------------------------------------------------------------
@@ -223,7 +225,8 @@ class MLOObjectives:
         return self.head_loss(features, labels)
 
     def mask_loss(self, batch: Batch) -> Tensor:
-        """Level 3: validation cross-entropy of C(E(T)), plus the policy's regulariser if any."""
+        """Level 3: validation cross-entropy of C(E(T)), plus the policy's regulariser if any
+        (logged on its own as ``loss/mask_regularizer``; ``loss/mask`` is the sum)."""
         self.counts["mask/step"] += 1
         images, labels = batch
         loss = self.head_loss(self.features(images), labels)
@@ -233,11 +236,10 @@ class MLOObjectives:
                 with torch.no_grad():
                     tokens = self.mae.embed(images)
                 mask_batch = MaskBatch(images=images, tokens=tokens, mask_ratio=self.mask_ratio)
-                decision = self.policy(mask_batch)
-                validate_decision(decision, mask_batch, self.policy.name)
-                penalty = self.policy.regularizer(decision, mask_batch)
+                decision = checked_decision(self.policy, mask_batch)
+                penalty = checked_regularizer(self.policy, decision, mask_batch)
             if penalty is not None:
-                penalty = full_precision(penalty)
+                penalty = full_precision(penalty).reshape(())
                 self.last_regularizer = penalty.detach()
                 loss = loss + penalty
         return loss
