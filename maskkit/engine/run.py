@@ -28,6 +28,7 @@ from maskkit.policy import MaskPolicy, PolicyContext
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
 from maskkit.rundir import RunDir, atomic_write_text
 from maskkit.runtime import device_description, seed_everything, select_device, tune_cpu_runtime
+from maskkit.tensorboard_log import TENSORBOARD_DIR, TensorBoardMirror, require_tensorboard
 
 
 def policy_context(model: MaskedAutoencoderViT) -> PolicyContext:
@@ -68,6 +69,8 @@ def stage2_head(config: RunConfig, num_classes: int, device: torch.device) -> Cl
 def prepare(config: RunConfig, console: Console) -> tuple[torch.device, LabelledDataset, MLOSplits]:
     """Everything that can fail on user input, done before a run dir is created."""
     policy_info(config.policy)
+    if config.tensorboard:
+        require_tensorboard()
     device = select_device(config.device)
     if device.type == "cpu":
         tune_cpu_runtime()
@@ -99,9 +102,17 @@ def train(
     device, dataset, splits = prepare(config, console)
     models = build_models(config, dataset.num_classes, device)
     run = RunDir.create(run_dir, config.policy, config.data.dataset, root=runs_root)
-    run.config_path.write_text(config_to_yaml(config))
-    context = RunContext(config, device, dataset, splits, run, console)
-    _execute(context, *models, resume=None)
+    try:
+        run.config_path.write_text(config_to_yaml(config))
+        context = RunContext(config, device, dataset, splits, run, console)
+        _execute(context, *models, resume=None)
+    except Exception as error:
+        # A run that fails before its first checkpoint (a policy that raises in its first forward,
+        # say) leaves nothing behind, so the same --run-dir works again. A diverged run keeps its
+        # metrics to look at; Ctrl-C (not an Exception) keeps the dir for --resume.
+        if not isinstance(error, TrainingDivergedError):
+            run.discard_unstarted()
+        raise
     return run
 
 
@@ -129,8 +140,8 @@ def resume(run_dir: Path, overrides: list[dict], console: Console) -> RunDir:
     return run
 
 
-# What a resumed run may change: how it computes, not what it computes.
-ADJUSTABLE_ON_RESUME = ("precision", "device")
+# What a resumed run may change: how it computes or reports, not what it computes.
+ADJUSTABLE_ON_RESUME = ("precision", "device", "tensorboard")
 
 
 def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> RunConfig:
@@ -177,6 +188,8 @@ def _execute(
         + (f", from its {stage} checkpoint at step {resume.state['step']}" if resume is not None else "")
     )
     run.truncate_metrics(_resume_position(resume))
+    if config.tensorboard:
+        run.mirrors.append(TensorBoardMirror(run.path / TENSORBOARD_DIR, _resume_position(resume)))
     try:
         if stage == "finetune":
             pretrain_summary = resume.state["carry"]["pretrain"]
@@ -197,6 +210,8 @@ def _execute(
         raise
     except TrainingDivergedError as error:
         raise TrainingDivergedError(f"{error} Run dir: {run.path}.") from None
+    finally:
+        run.close_mirrors()
     _finish(context, classifier, pretrain_summary, finetuned)
 
 
