@@ -9,6 +9,31 @@ how the weights enter the pretrain loss, and what gradient reaches what, is deci
 
 Every policy turns its per-patch scores into a decision with :func:`decision_from_scores`, and
 every decision is checked by :func:`validate_decision` before the model sees it.
+
+What a plugin's author must know (``docs/plugins.md`` has the whole contract):
+
+- **Patch order.** Patch ``j`` of an image is row ``j // g``, column ``j % g`` of its ``g × g``
+  grid (``g = PolicyContext.grid_size``): row-major, as the patch embedding flattens it. Tokens,
+  priors, scores, weights and the mask all index patches this way.
+- **Gradient into the MAE.** ``batch.tokens`` carries the MAE's graph only when the run's
+  ``pretrain.weighting`` is ``reference`` (the paper's code); under every other weighting, the
+  default ``hypergradient-only`` included, the tokens are detached and nothing a policy computes
+  reaches the MAE's gradient (:meth:`maskkit.weighting.LossWeighting.policy_tokens`).
+- **Weights.** ``MaskDecision.weights`` ``[B, L]`` enter the pretrain loss on the masked patches
+  only, ``L = Σ_bj c_bj · err_bj`` with ``c = m·w / Σm`` (``reference``, ``detached``) or
+  normalised per image (``normalized``, ``hypergradient-only``, which also keeps the MAE's step
+  exactly MAE's). :mod:`maskkit.weighting` decides it. For a learnable policy the weights (and
+  the regulariser) are the only ways gradient reaches its parameters.
+- **Regulariser.** :meth:`MaskPolicy.regularizer` returns a scalar that is added to the
+  level-3 (mask) objective, computed on held-out batches with detached tokens; it is logged on
+  its own as ``loss/mask_regularizer``, beside ``loss/mask`` (the sum). It is called only when a
+  policy overrides it.
+- **Options.** ``policy_options`` reach the constructor as keyword arguments, as YAML parsed
+  them: ``--set policy_options.k=2`` gives ``int`` 2, ``0.5`` a float, ``true`` a bool,
+  ``[1, 2]`` a list, ``abc`` a str, and ``1e-3`` the *string* ``"1e-3"`` (YAML 1.1 wants
+  ``1.0e-3``): convert (``float(x)``) before checking. Raise ``ValueError`` for a bad value.
+- **Randomness.** Use torch's global generator (``torch.rand``), so that ``--seed`` reproduces
+  a run.
 """
 
 from __future__ import annotations
