@@ -6,6 +6,10 @@ so the plugins are found exactly as an installed third-party distribution would 
 subprocesses are started together in the background (``cli_runs``) to overlap their start-up.
 Errors raised before any training are checked in-process through ``maskkit.cli.main()``, and the
 registry itself with fake entry points.
+
+Whatever else is installed, these tests see only maskkit's own plugins and the ones they install
+(``plugin_isolation.py``: the ``plugin_sites`` fixture in-process, ``isolated_cli.py`` in a
+subprocess).
 """
 
 from __future__ import annotations
