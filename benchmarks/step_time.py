@@ -1,17 +1,18 @@
 """Time one MLO iteration of stage 1 per masking policy, on synthetic data.
 
 One *MLO iteration* is ``pretrain.unroll_steps × finetune.unroll_steps`` calls of
-``Pretrainer.mlo.step`` (2 with the presets' 2/1/1 unroll). For a learnable policy (``mlo``,
+``Pretrainer.step`` (2 with the presets' 2/1/1 unroll). For a learnable policy (``mlo``,
 ``mlo-light``) it includes the finetune and mask steps and the mask level's hypergradient; for a
-fixed one (``random``) it is the same number of plain MAE pretrain steps, so the ratio column is
-the cost of MLO over random-mask MAE on the same model.
+policy without level 3 (``random``, ``blockwise``, ``hpm``, whose loss predictor trains inside
+the pretrain step) it is the same number of pretrain steps, so the ratio column is the cost
+over random-mask MAE on the same model.
 
 Reported per policy: median seconds per iteration and per pretrain step, the ratio to
 ``random``, images/s, FLOPs per iteration (``torch.utils.flop_counter``) and the achieved FLOP
 rate (as a fraction of a measured dense-matmul rate), peak memory, parameter counts and the
 loss evaluations per iteration by level and purpose.
 
-    python benchmarks/step_time.py --preset cpu --policies random,mlo,mlo-light \\
+    python benchmarks/step_time.py --preset cpu --policies random,mlo,mlo-light,blockwise,hpm \\
         --iterations 5 --warmup 1 --markdown --json step_time.json
 
 Nothing is read from or written to the repository: the data are random uint8 images and the
@@ -52,12 +53,13 @@ from maskkit.engine.pretrain import Pretrainer
 from maskkit.engine.run import build_models, policy_context
 from maskkit.errors import MaskkitError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT
-from maskkit.plugins import create_policy, policy_info
+from maskkit.plugins import create_policy, create_provider, policy_info
+from maskkit.priors.attach import computed_priors
 from maskkit.rundir import RunDir
 from maskkit.runtime import select_device, use_bf16
 
 NUM_CLASSES = 7
-DEFAULT_POLICIES = "random,mlo,mlo-light"
+DEFAULT_POLICIES = "random,mlo,mlo-light,blockwise,hpm"
 MODEL_OPTIONS = (
     "img_size",
     "patch_size",
@@ -221,9 +223,12 @@ def count_parameters(config: RunConfig) -> dict[str, int]:
     counts = {
         "mae": sum(p.numel() for p in mae.parameters()),
         "policy": sum(p.numel() for p in policy.parameters()),
+        # the policy's parameters that the pretrain level trains (hpm's loss predictor)
+        "policy_pretrain": sum(p.numel() for p in policy.pretrain_parameters()),
         "head": sum(p.numel() for p in head.parameters()) if learnable else 0,
     }
-    counts["trained"] = counts["mae"] + (counts["policy"] + counts["head"] if learnable else 0)
+    policy_trained = counts["policy"] if learnable else counts["policy_pretrain"]
+    counts["trained"] = counts["mae"] + policy_trained + counts["head"]
     return counts
 
 
@@ -412,7 +417,7 @@ def run_iteration(
     steps: int,
     flop_counter: FlopCounterMode | None = None,
 ) -> dict[str, Any]:
-    """``steps`` calls of ``pretrainer.mlo.step`` after global step ``last_step``, each timed with
+    """``steps`` calls of ``pretrainer.step`` after global step ``last_step``, each timed with
     CUDA synchronised around it; also the loss evaluations and level steps they took."""
     counts_before = Counter(pretrainer.objectives.counts)
     levels_before = pretrainer.mlo.step_counts()
@@ -422,7 +427,7 @@ def run_iteration(
         for step in range(last_step + 1, last_step + steps + 1):
             synchronize(device)
             started = time.perf_counter()
-            pretrainer.mlo.step(step)
+            pretrainer.step(step)
             synchronize(device)
             times.append(time.perf_counter() - started)
     cpu = cpu_seconds() - cpu_before
@@ -481,6 +486,8 @@ def benchmark_policy(args: argparse.Namespace, policy: str) -> dict[str, Any]:
         return result
 
     dataset = synthetic_dataset(config, args.num_images, seed=config.seed)
+    if policy_info(policy).requires:  # a guided policy: the weight-free centre prior stands in
+        dataset = computed_priors(dataset, create_provider("center"))
     splits = make_splits(dataset, config.data.train_portion, config.data.mask_source)
     gc.collect()
     if device.type == "cuda":
@@ -765,7 +772,12 @@ def cost_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         parameter_text = ""
         if params is not None:
             parameter_text = f"{format_count(params['mae'])} + {format_count(params['policy'])}"
-            parameter_text += f" + {format_count(params['head'])}" if row["learnable"] else " (not trained)"
+            if row["learnable"]:
+                parameter_text += f" + {format_count(params['head'])}"
+            elif params.get("policy_pretrain"):
+                parameter_text += " (pretrain level)"
+            else:
+                parameter_text += " (not trained)"
         if row.get("status") != "ok":
             rows.append([row["policy"], f"{row['status']}", parameter_text, row.get("error", "")])
             continue

@@ -31,7 +31,8 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _try_load(path: Path) -> dict[str, torch.Tensor] | None:
+def load_if_valid(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors at ``path``, or None when the file is missing, truncated or corrupt."""
     if not path.is_file():
         return None
     try:
@@ -40,13 +41,17 @@ def _try_load(path: Path) -> dict[str, torch.Tensor] | None:
         return None  # truncated or corrupt: rebuild
 
 
-def write_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save ``tensors`` to ``path`` (safetensors) through a temporary file and a rename."""
+def write_tensors_atomically(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Save ``tensors`` (and string ``metadata``) to ``path`` (safetensors) through a temporary
+    file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file({key: value.contiguous().cpu() for key, value in tensors.items()}, temporary)
+        tensors = {key: value.contiguous().cpu() for key, value in tensors.items()}
+        save_file(tensors, temporary, metadata=metadata)
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -55,19 +60,21 @@ def write_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> No
         raise
 
 
-def cached_tensors(path: Path, build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The tensors stored at ``path``, building and storing them first if needed.
+def cached_tensors(
+    path: Path, build: Callable[[], dict[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors stored at ``path``, building and storing them (with ``metadata``) first if needed.
 
     Concurrent callers (threads or processes) with the same ``path`` build once: the others wait
     on ``<path>.lock`` and then load what the first one wrote.
     """
-    cached = _try_load(path)
+    cached = load_if_valid(path)
     if cached is not None:
         return cached
     with _exclusive(path.with_name(path.name + ".lock")):
-        cached = _try_load(path)  # built by another process while this one waited
+        cached = load_if_valid(path)  # built by another process while this one waited
         if cached is not None:
             return cached
         tensors = build()
-        write_tensors_atomically(path, tensors)
+        write_tensors_atomically(path, tensors, metadata)
         return tensors

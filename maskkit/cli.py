@@ -1,4 +1,4 @@
-"""The ``maskkit`` command line: policies, train, evaluate, visualize, config."""
+"""The ``maskkit`` command line: policies, priors, train, evaluate, visualize, config."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from maskkit.config import DEFAULT_PRESET, PRESETS, build_config, config_to_yaml, parse_override
+from maskkit.distributed import DEFAULT_TIMEOUT_S, CollectiveFailure, launched_by_torchrun, stop
 from maskkit.errors import ConfigError, MaskkitError
+from maskkit.launch import LaunchFailed, report_worker_failure, run_with_torchrun, worker_arguments
 
 app = typer.Typer(
     name="maskkit",
@@ -26,6 +28,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+priors_app = typer.Typer(help="Prior providers and the priors store.", no_args_is_help=True)
+app.add_typer(priors_app, name="priors")
 
 console = Console()
 error_console = Console(stderr=True)
@@ -39,7 +43,11 @@ def policies(
         bool, typer.Option("--json", help="Print JSON (policies and load failures) for scripts.")
     ] = False,
 ) -> None:
-    """List installed masking policies: name, distribution, learnable, needs, description."""
+    """List installed masking policies: name, distribution, learnable, needs, description.
+
+    learnable: "yes" (level 3 of the MLO loop trains it), "pretrain level" (its own loss trains
+    it with the MAE, e.g. hpm's loss predictor) or "no" (fixed).
+    """
     from maskkit.plugins import get_registry, registry_as_dict
 
     registry = get_registry()
@@ -47,21 +55,121 @@ def policies(
         typer.echo(json.dumps(registry_as_dict(registry), indent=2, ensure_ascii=False))
         return
     table = Table(title="Installed masking policies")
-    for column in ("name", "distribution", "learnable", "needs", "description"):
+    _name_column(table, registry.policies)
+    for column in ("distribution", "learnable", "needs", "description"):
         table.add_column(column)
     for info in sorted(registry.policies.values(), key=lambda item: item.name):
         table.add_row(
             info.name,
             info.distribution,
-            "yes" if info.learnable else "no",
+            info.trained_by,
             ", ".join(sorted(info.requires)) or "-",
             info.description,
         )
-    # In a pipe or a log file, rows stay whole instead of wrapping at 80 columns.
-    (console if console.is_terminal else Console(width=UNWRAPPED_WIDTH)).print(table)
-    for failure in registry.failures:
+    _table_console().print(table)
+    _print_failures(registry.failures)
+
+
+def _table_console() -> Console:
+    """The console for a table: in a pipe or a log file, rows stay whole instead of wrapping at
+    80 columns."""
+    return console if console.is_terminal else Console(width=UNWRAPPED_WIDTH)
+
+
+def _name_column(table: Table, names: dict) -> None:
+    """A ``name`` column wide enough that no name is ever cut (they are what the user types)."""
+    table.add_column("name", no_wrap=True, min_width=max((len(name) for name in names), default=4))
+
+
+def _print_failures(failures: list) -> None:
+    for failure in failures:
         error_console.print(
             "[yellow]warning:[/]", escape(failure.one_line()), soft_wrap=True, highlight=False
+        )
+
+
+@priors_app.command("list")
+def priors_list() -> None:
+    """List installed prior providers: name, distribution, maps, options, description."""
+    import inspect
+
+    from maskkit.plugins import get_registry
+    from maskkit.priors.store import default_store_dir
+
+    registry = get_registry()
+    table = Table(title="Installed prior providers")
+    _name_column(table, registry.providers)
+    for column in ("distribution", "maps", "options (default)", "description"):
+        table.add_column(column)
+    for info in sorted(registry.providers.values(), key=lambda item: item.name):
+        parameters = inspect.signature(info.provider_class).parameters.values()
+        options = ", ".join(
+            f"{p.name}={p.default!r}" for p in parameters if p.default is not inspect.Parameter.empty
+        )
+        table.add_row(
+            info.name, info.distribution, ", ".join(sorted(info.provides)), options or "-", info.description
+        )
+    _table_console().print(table)
+    console.print(f"priors store: {default_store_dir()} (--priors-dir or $MASKKIT_PRIORS_DIR to change)")
+    _print_failures(registry.failures)
+
+
+def _option_pairs(assignments: list[str]) -> dict:
+    """``["key=value", …]`` → ``{key: value}`` with values parsed as YAML (as --set does)."""
+    options: dict = {}
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"--option expects KEY=VALUE, got '{assignment}'")
+        key, raw = assignment.split("=", 1)
+        options[key.strip()] = parse_override(f"value={raw}")["value"]
+    return options
+
+
+@priors_app.command("build")
+def priors_build(
+    provider: Annotated[str, typer.Option(help="Prior provider (see `maskkit priors list`).")],
+    dataset: Annotated[str, typer.Option(help="The dataset, as `maskkit train --dataset` takes it.")],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data folder (default: $MASKKIT_DATA_DIR, else a user cache folder).")
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Side the images are resized to (default: the default preset's model.img_size)."),
+    ] = None,
+    subset: Annotated[int | None, typer.Option(help="Only the first N images of each split.")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", help="A provider option: --option method=fine_grained")
+    ] = None,
+    priors_dir: Annotated[
+        Path | None,
+        typer.Option(help="The priors store (default: $MASKKIT_PRIORS_DIR, else a user cache folder)."),
+    ] = None,
+    download: Annotated[
+        bool, typer.Option("--download/--no-download", help="Download missing data.")
+    ] = False,
+) -> None:
+    """Compute a dataset's priors once per split and keep them in the priors store."""
+    from maskkit.data import load_dataset
+    from maskkit.data.locations import default_data_dir
+    from maskkit.engine.run import limit_dataset
+    from maskkit.plugins import provider_info
+    from maskkit.priors.attach import PriorSpec, attach_priors, store_paths
+
+    provider_info(provider)  # an unknown name fails before the data is read
+    options = _option_pairs(option or [])
+    size = image_size if image_size is not None else build_config(DEFAULT_PRESET).model.img_size
+    if size < 1 or (subset is not None and subset < 1):
+        raise ConfigError("--image-size and --subset must be positive")
+    spec = PriorSpec(provider, options, dataset, data_dir, size, subset, priors_dir, build=True)
+    loaded = load_dataset(dataset, data_dir or default_data_dir(), image_size=size, download=download)
+    if subset is not None:
+        loaded = limit_dataset(loaded, subset)
+    paths = store_paths(loaded, spec)
+    already = [name for name, path in paths.items() if path.is_file()]
+    attach_priors(loaded, spec, console)
+    for name in already:
+        console.print(
+            f"{provider} priors of {loaded.name} {name}: already built → {paths[name]}", highlight=False
         )
 
 
@@ -124,19 +232,63 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")
     ] = None,
+    prior: Annotated[
+        str | None,
+        typer.Option(help="Prior provider of a policy that reads priors (see `maskkit priors list`)."),
+    ] = None,
+    build_priors: Annotated[
+        bool | None,
+        typer.Option("--build-priors", help="Build missing priors in the store instead of stopping."),
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Train data-parallel in this many processes on this machine (one per GPU; runs "
+            "torchrun --standalone). Several machines: start torchrun yourself (docs/distributed.md).",
+        ),
+    ] = None,
+    collective_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds a process of a multi-process run waits for the others before the run stops.",
+        ),
+    ] = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Pretrain (MLO when the policy is learnable), fine-tune and evaluate."""
     from maskkit.engine import run as runs
 
     overrides = _overrides(policy, dataset, data_dir, mask_ratio, seed, device, download, assignments or [])
-    if resume is not None:
-        if config_file is not None or preset != DEFAULT_PRESET or run_dir is not None:
+    if prior is not None:
+        overrides.append({"prior": prior})
+    if build_priors:
+        overrides.append({"data": {"build_priors": True}})
+    if resume is not None and (config_file is not None or preset != DEFAULT_PRESET or run_dir is not None):
+        raise ConfigError(
+            "--resume continues a run with its saved config: drop --config, --preset and --run-dir"
+        )
+    if nproc is not None and nproc > 1:
+        if launched_by_torchrun():
             raise ConfigError(
-                "--resume continues a run with its saved config: drop --config, --preset and --run-dir"
+                "--nproc starts torchrun itself; under torchrun, set the number of processes with "
+                "its --nproc_per_node and drop --nproc"
             )
-        runs.resume(resume, overrides, console)
+        if resume is None:  # a bad config fails here, before any process starts
+            from maskkit.distributed import check_batch_sizes
+            from maskkit.plugins import policy_info
+
+            config = build_config(preset, config_file, overrides)
+            learnable = policy_info(config.policy).learnable
+            check_batch_sizes(runs.batch_sizes(config, learnable), processes=nproc)
+        run_with_torchrun(nproc, worker_arguments(sys.argv[1:]))
         return
-    runs.train(build_config(preset, config_file, overrides), run_dir, console)
+    if resume is not None:
+        runs.resume(resume, overrides, console, collective_timeout)
+    else:
+        config = build_config(preset, config_file, overrides)
+        runs.train(config, run_dir, console, collective_timeout_s=collective_timeout)
+    stop()  # leave the process group of a multi-process run
 
 
 @app.command()
@@ -159,7 +311,8 @@ def visualize(
     ] = None,
     seed: Annotated[int, typer.Option(help="Which images, and the random masks' draw.")] = 0,
 ) -> None:
-    """PNG grid: original → masked → reconstructed (→ learned mask probability)."""
+    """PNG grid: original → masked → reconstructed (→ the policy's per-patch maps: a learned
+    mask probability, hpm's predicted loss scaled per image)."""
     from maskkit.engine.inspect_run import visualize_run
 
     visualize_run(run_dir, num_images, output, seed, console)
@@ -181,16 +334,45 @@ def config_show(
 def main() -> None:
     """Entry point: user errors end in one line on stderr and exit code 2.
 
-    Typer itself answers usage errors (exit 2) and Ctrl-C (exit 130). With ``MASKKIT_DEBUG=1``
-    the traceback of a user error is printed above its line (for plugin authors).
+    Typer itself answers usage errors (exit 2) and Ctrl-C (exit 130). A process of a
+    multi-process run (under torchrun) that fails for any reason also ends in one line, exit code
+    1 (2 for a user error), and records it for torchrun, which stops the other processes. With
+    ``MASKKIT_DEBUG=1`` the traceback of a user error is printed above its line (for plugin
+    authors).
     """
     try:
         app()
     except MaskkitError as error:
         if os.environ.get("MASKKIT_DEBUG", "") not in ("", "0"):
             traceback.print_exception(error)
-        error_console.print("[bold red]error:[/]", escape(str(error)), highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(error), 2, every_process=False)
+    except LaunchFailed as error:
+        _print_error(str(error))
+        sys.exit(error.exit_code)
+    except Exception as error:
+        if not launched_by_torchrun():
+            raise
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = detail if isinstance(error, CollectiveFailure) else f"{type(error).__name__}: {detail}"
+        _fail(message, 1, every_process=True, traceback_text=traceback.format_exc())
+
+
+def _print_error(message: str) -> None:
+    error_console.print("[bold red]error:[/]", escape(message), highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, exit_code: int, every_process: bool, traceback_text: str | None = None) -> None:
+    """End with one ``error:`` line and ``exit_code``. Under torchrun the failure is recorded for
+    it; a user error, which every process meets alike, is printed by rank 0 only, and anything
+    else by the process it happened to, named."""
+    if launched_by_torchrun():
+        rank = os.environ.get("RANK", "0")
+        print_here = report_worker_failure(message, traceback_text) and (every_process or rank == "0")
+        if print_here:
+            _print_error(f"process {rank}: {message}" if every_process else message)
+    else:
+        _print_error(message)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

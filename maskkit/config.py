@@ -147,6 +147,12 @@ class DataConfig(StrictModel):
     )
     subset: int | None = Field(None, gt=0, description="keep at most this many images per split")
     eval_batch_size: int = Field(256, gt=0)
+    priors_dir: Path | None = Field(
+        None, description="the priors store; default: $MASKKIT_PRIORS_DIR, else a user cache folder"
+    )
+    build_priors: bool = Field(
+        False, description="compute missing priors instead of stopping (--build-priors)"
+    )
 
 
 class RunConfig(StrictModel):
@@ -155,6 +161,8 @@ class RunConfig(StrictModel):
     preset: str = DEFAULT_PRESET
     policy: str = "random"
     policy_options: dict[str, Any] = Field(default_factory=dict)
+    prior: str | None = Field(None, description="the prior provider of a policy that reads priors (--prior)")
+    prior_options: dict[str, Any] = Field(default_factory=dict)
     mask_ratio: float = Field(0.75, ge=0, lt=1)
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

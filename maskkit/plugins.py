@@ -1,25 +1,28 @@
 """The one plugin manager: loads every entry point of the ``maskkit`` group.
 
-Built-in policies (``plugins/`` in the source tree, package ``maskkit_plugins``) and third-party
-ones are found the same way. A plugin that fails to import or register is recorded as a
-:class:`PluginFailure` and reported in one line; the rest still load.
+Built-in policies and prior providers (``plugins/`` in the source tree, package
+``maskkit_plugins``) and third-party ones are found the same way. A plugin that fails to import
+or register is recorded as a :class:`PluginFailure` and reported in one line; the rest still load.
 
-Names are unique. When two distributions use the same entry-point name or the same policy name,
-the first in :data:`LOAD_ORDER` keeps it and the other's is skipped, reported as a
-:class:`NameClash` that says which one won and what to rename.
+Names are unique. When two distributions use the same entry-point name, or the same policy or
+prior-provider name, the first in :data:`LOAD_ORDER` keeps it and the other's is skipped, reported
+as a :class:`NameClash` that says which one won and what to rename.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 
 from maskkit import hookspecs
-from maskkit.errors import PluginError, UnknownNameError
+from maskkit.errors import MaskkitError, PluginError, UnknownNameError
 from maskkit.policy import MaskPolicy, PolicyContext
+from maskkit.priors.provider import PriorProvider, resolved_options
 
 ENTRY_POINT_GROUP = "maskkit"
 OWN_DISTRIBUTION = "maskkit"
@@ -94,6 +97,36 @@ class PolicyInfo:
     def requires(self) -> frozenset[str]:
         return self.policy_class.requires
 
+    @property
+    def trains_at_pretrain_level(self) -> bool:
+        """The class names parameters for the pretrain level (overrides ``pretrain_parameters``)."""
+        return self.policy_class.pretrain_parameters is not MaskPolicy.pretrain_parameters
+
+    @property
+    def trained_by(self) -> str:
+        """Which levels train the policy, for ``maskkit policies``: yes (level 3), pretrain level, no."""
+        if self.learnable:
+            return "yes + pretrain level" if self.trains_at_pretrain_level else "yes"
+        return "pretrain level" if self.trains_at_pretrain_level else "no"
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """A prior-provider class and where it came from."""
+
+    name: str
+    provider_class: type[PriorProvider]
+    plugin: str
+    distribution: str
+
+    @property
+    def description(self) -> str:
+        return self.provider_class.description
+
+    @property
+    def provides(self) -> frozenset[str]:
+        return frozenset(self.provider_class.provides)
+
 
 @dataclass
 class PluginRegistry:
@@ -102,6 +135,7 @@ class PluginRegistry:
     manager: pluggy.PluginManager
     policies: dict[str, PolicyInfo]
     failures: list[PluginFailure]
+    providers: dict[str, ProviderInfo]
 
 
 def _distribution_name(entry_point: importlib.metadata.EntryPoint) -> str:
@@ -109,42 +143,49 @@ def _distribution_name(entry_point: importlib.metadata.EntryPoint) -> str:
     return dist.name if dist is not None else "unknown distribution"
 
 
-def _collect_policies(
-    manager: pluggy.PluginManager, distributions: dict[str, str], failures: list[PluginFailure]
-) -> dict[str, PolicyInfo]:
-    """Call each plugin's ``maskkit_policies`` separately, so each policy knows its plugin."""
-    policies: dict[str, PolicyInfo] = {}
-    for impl in manager.hook.maskkit_policies.get_hookimpls():
+def _collect(
+    hook: Any,
+    base: type,
+    make_info: Callable[[Any, str, str], Any],
+    kind: str,
+    distributions: dict[str, str],
+    failures: list[PluginFailure],
+) -> dict[str, Any]:
+    """Call each plugin's implementation of ``hook`` separately, so each class knows its plugin.
+
+    ``base`` is the class every returned class must subclass; ``make_info(cls, plugin,
+    distribution)`` builds the registry entry; ``kind`` names the thing in messages.
+    """
+    found: dict[str, Any] = {}
+    for impl in hook.get_hookimpls():
         plugin_name = impl.plugin_name
         distribution = distributions.get(plugin_name, "unknown distribution")
         try:
             provided = list(impl.function())
-            for policy_class in provided:
-                if not (isinstance(policy_class, type) and issubclass(policy_class, MaskPolicy)):
-                    raise TypeError(f"{policy_class!r} is not a MaskPolicy subclass")
-                if not isinstance(getattr(policy_class, "name", None), str):
-                    raise TypeError(f"{policy_class.__name__} has no string 'name'")
+            for provided_class in provided:
+                if not (isinstance(provided_class, type) and issubclass(provided_class, base)):
+                    raise TypeError(f"{provided_class!r} is not a {base.__name__} subclass")
+                if not isinstance(getattr(provided_class, "name", None), str):
+                    raise TypeError(f"{provided_class.__name__} has no string 'name'")
         except Exception as error:  # a broken plugin must not take the others down
             failures.append(PluginFailure(plugin_name, distribution, f"{type(error).__name__}: {error}"))
             continue
-        for policy_class in provided:
-            if policy_class.name in policies:
-                first = policies[policy_class.name]
+        for provided_class in provided:
+            if provided_class.name in found:
+                first = found[provided_class.name]
                 failures.append(
                     NameClash(
                         plugin_name,
                         distribution,
-                        f"policy name '{policy_class.name}' is already provided by {first.distribution}",
-                        kind="policy",
-                        name=policy_class.name,
+                        f"{kind} name '{provided_class.name}' is already provided by {first.distribution}",
+                        kind=kind,
+                        name=provided_class.name,
                         winner=first.distribution,
                     )
                 )
                 continue
-            policies[policy_class.name] = PolicyInfo(
-                policy_class.name, policy_class, plugin_name, distribution
-            )
-    return policies
+            found[provided_class.name] = make_info(provided_class, plugin_name, distribution)
+    return found
 
 
 @functools.cache
@@ -183,8 +224,23 @@ def get_registry() -> PluginRegistry:
             failures.append(PluginFailure(entry_point.name, distribution, f"{type(error).__name__}: {error}"))
             continue
         distributions[entry_point.name] = distribution
-    policies = _collect_policies(manager, distributions, failures)
-    return PluginRegistry(manager=manager, policies=policies, failures=failures)
+    policies = _collect(
+        manager.hook.maskkit_policies,
+        MaskPolicy,
+        lambda cls, plugin, dist: PolicyInfo(cls.name, cls, plugin, dist),
+        "policy",
+        distributions,
+        failures,
+    )
+    providers = _collect(
+        manager.hook.maskkit_prior_providers,
+        PriorProvider,
+        lambda cls, plugin, dist: ProviderInfo(cls.name, cls, plugin, dist),
+        "prior provider",
+        distributions,
+        failures,
+    )
+    return PluginRegistry(manager=manager, policies=policies, failures=failures, providers=providers)
 
 
 def registry_as_dict(registry: PluginRegistry) -> dict:
@@ -196,6 +252,7 @@ def registry_as_dict(registry: PluginRegistry) -> dict:
                 "distribution": info.distribution,
                 "plugin": info.plugin,
                 "learnable": info.learnable,
+                "trained_by": info.trained_by,
                 "requires": sorted(info.requires),
                 "description": info.description,
             }
@@ -238,12 +295,6 @@ def _load_failures_note(registry: PluginRegistry) -> str:
 def create_policy(name: str, context: PolicyContext, options: dict | None = None) -> MaskPolicy:
     """Build the policy ``name`` with the model ``context`` and its ``options``."""
     info = policy_info(name)
-    if info.requires:
-        raise PluginError(
-            f"policy '{name}' ({info.distribution}) needs the priors {sorted(info.requires)}, "
-            "and no installed prior provider supplies them; pick a policy that needs none "
-            "(`maskkit policies` lists what each needs)"
-        )
     try:
         policy = info.policy_class(context, **(options or {}))
     except TypeError as error:
@@ -256,3 +307,42 @@ def create_policy(name: str, context: PolicyContext, options: dict | None = None
             f"policy '{name}' ({info.distribution}) failed to construct: {type(error).__name__}: {error}"
         ) from error
     return policy
+
+
+def provider_info(name: str) -> ProviderInfo:
+    """Look up an installed prior provider by name; the error lists the available ones."""
+    registry = get_registry()
+    if name not in registry.providers:
+        raise UnknownNameError("prior provider", name, list(registry.providers))
+    return registry.providers[name]
+
+
+def provider_options(name: str, options: dict | None = None) -> dict[str, Any]:
+    """The options of provider ``name`` with its defaults filled in (the store's key holds them)."""
+    info = provider_info(name)
+    try:
+        return resolved_options(info.provider_class, dict(options or {}))
+    except TypeError as error:
+        raise PluginError(
+            f"prior provider '{name}' ({info.distribution}) rejected its options {options or {}}: {error}. "
+            "Check prior_options in the config (or --option KEY=VALUE)."
+        ) from None
+
+
+def create_provider(name: str, options: dict | None = None) -> PriorProvider:
+    """Build the prior provider ``name`` with its ``options``."""
+    info = provider_info(name)
+    provider_options(name, options)  # unknown options: one clear line
+    try:
+        return info.provider_class(**(options or {}))
+    except MaskkitError:  # the provider's own message, e.g. a missing checkpoint
+        raise
+    except (TypeError, ValueError) as error:
+        raise PluginError(
+            f"prior provider '{name}' ({info.distribution}) rejected its options {options or {}}: {error}"
+        ) from None
+    except Exception as error:
+        raise PluginError(
+            f"prior provider '{name}' ({info.distribution}) failed to construct: "
+            f"{type(error).__name__}: {error}"
+        ) from error

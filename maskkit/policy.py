@@ -28,6 +28,15 @@ What a plugin's author must know (``docs/plugins.md`` has the whole contract):
   level-3 (mask) objective, computed on held-out batches with detached tokens; it is logged on
   its own as ``loss/mask_regularizer``, beside ``loss/mask`` (the sum). It is called only when a
   policy overrides it.
+- **Priors.** ``batch.priors`` holds each map named in ``requires`` as ``[B, L]`` in [0, 1]: the
+  run's ``--prior`` provider computed it per pixel, it rode with the image in the data loader's
+  ``Batch(images, labels, priors)`` (cropped and flipped with it), and the engine pooled it to the
+  patch grid.
+- **Pretrain-level hooks.** Parameters named by :meth:`MaskPolicy.pretrain_parameters` train with
+  the MAE, from :meth:`MaskPolicy.pretrain_loss` (which receives the step's decision, its
+  ``maps`` with their graphs, and the detached per-patch error); :meth:`MaskPolicy.set_progress`
+  and :meth:`MaskPolicy.statistics` serve schedules and logging. Each parameter is trained by
+  one level only.
 - **Options.** ``policy_options`` reach the constructor as keyword arguments, as YAML parsed
   them: ``--set policy_options.k=2`` gives ``int`` 2, ``0.5`` a float, ``true`` a bool,
   ``[1, 2]`` a list, ``abc`` a str, and ``1e-3`` the *string* ``"1e-3"`` (YAML 1.1 wants
@@ -39,6 +48,7 @@ What a plugin's author must know (``docs/plugins.md`` has the whole contract):
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -77,7 +87,9 @@ class MaskBatch:
             row-major order over the grid. Detached from the MAE unless the run's weighting is
             ``reference`` (then the pretrain loss also reaches the MAE through the policy).
         mask_ratio: fraction r of patches to mask; ``num_keep = int(L * (1 - r))``.
-        priors: per-patch importance maps by name, each ``[B, L]`` (empty unless required).
+        priors: per-patch prior maps by name, each ``[B, L]`` in [0, 1], pooled from the
+            per-pixel maps of the run's prior provider after augmentation (the names in the
+            policy's ``requires``; empty for a policy that requires none).
     """
 
     images: Tensor
@@ -107,6 +119,9 @@ class MaskDecision:
             (:mod:`maskkit.weighting`); for a learnable policy they are the only way the
             hypergradient reaches its parameters.
         scores: ``[B, L]`` the scores behind the decision, for plots (detached), or None.
+        maps: named per-patch maps ``[B, L]`` the policy computed on the way (e.g. ``hpm``'s
+            predicted loss). ``maskkit visualize`` draws each beside the mask, and they reach
+            the policy's :meth:`MaskPolicy.pretrain_loss` with their graphs.
     """
 
     ids_keep: Tensor
@@ -114,6 +129,18 @@ class MaskDecision:
     mask: Tensor
     weights: Tensor | None = None
     scores: Tensor | None = None
+    maps: dict[str, Tensor] = field(default_factory=dict)
+
+    def detached(self) -> MaskDecision:
+        """A copy whose weights and maps carry no graph (to keep for diagnostics)."""
+        return MaskDecision(
+            ids_keep=self.ids_keep,
+            ids_restore=self.ids_restore,
+            mask=self.mask,
+            weights=None if self.weights is None else self.weights.detach(),
+            scores=self.scores,
+            maps={name: value.detach() for name, value in self.maps.items()},
+        )
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -121,7 +148,12 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1.0 - mask_ratio))
 
 
-def decision_from_scores(scores: Tensor, mask_ratio: float, weights: Tensor | None = None) -> MaskDecision:
+def decision_from_scores(
+    scores: Tensor,
+    mask_ratio: float,
+    weights: Tensor | None = None,
+    maps: dict[str, Tensor] | None = None,
+) -> MaskDecision:
     """Keep the ``int(L * (1 - r))`` lowest-scoring patches of each image; mask the rest.
 
     This is MAE's ``random_masking`` with the noise replaced by ``scores``, and the reference
@@ -131,6 +163,7 @@ def decision_from_scores(scores: Tensor, mask_ratio: float, weights: Tensor | No
         scores: ``[B, L]`` per-patch scores; higher means "more likely masked".
         mask_ratio: fraction of patches to mask, in [0, 1).
         weights: optional ``[B, L]`` differentiable per-patch loss weights to pass through.
+        maps: optional named ``[B, L]`` maps to pass through (:attr:`MaskDecision.maps`).
 
     Returns:
         A decision with ``ids_keep [B, K]``, ``ids_restore [B, L]`` and ``mask [B, L]``.
@@ -149,6 +182,7 @@ def decision_from_scores(scores: Tensor, mask_ratio: float, weights: Tensor | No
         mask=mask,
         weights=weights,
         scores=scores.detach(),
+        maps=dict(maps or {}),
     )
 
 
@@ -175,6 +209,15 @@ NONFINITE_WEIGHTS_ADVICE = (
     "check the policy's scores and sigmoid for a log of 0, a division by zero or an overflowing "
     "exp; if it starts only after some steps, its parameters diverged at level 3: lower "
     "pretrain.mask.lr (--set pretrain.mask.lr=...)"
+)
+
+MAPS_ADVICE = (
+    "maps are named per-patch values, a dict of [B, L] tensors in the order of batch.tokens: pass "
+    "decision_from_scores(scores, batch.mask_ratio, maps={name: m}) each m shaped like scores"
+)
+NONFINITE_MAP_ADVICE = (
+    "check the computation behind the map (a log of 0, a division by zero, an overflowing exp); "
+    "if the map is trained, its parameters may have diverged: lower their learning rate"
 )
 
 
@@ -256,18 +299,41 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
         if not bool(finite.all()):
             bad = int((~finite).sum())
             fail(f"the weights hold NaN/inf ({bad} of {finite.numel()} values)", NONFINITE_WEIGHTS_ADVICE)
+    if not isinstance(decision.maps, dict):
+        fail(f"maps is {type(decision.maps).__name__}, not a dict of [B, L] tensors", MAPS_ADVICE)
+    for name, value in decision.maps.items():
+        if not isinstance(value, Tensor) or tuple(value.shape) != (batch_size, num_patches):
+            got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            fail(
+                f"map '{name}' must be a [B, L] = [{batch_size}, {num_patches}] tensor, got {got}",
+                MAPS_ADVICE,
+            )
+        finite = torch.isfinite(value.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            fail(
+                f"map '{name}' holds non-finite values ({bad} of {finite.numel()} NaN/inf)",
+                NONFINITE_MAP_ADVICE,
+            )
 
 
 class MaskPolicy(nn.Module, abc.ABC):
     """Base class of every masking policy.
 
-    Subclasses set ``name`` and ``description``, and implement :meth:`forward`. A policy with
-    ``learnable = True`` has its parameters optimised as level 3 of the MLO loop; one with
-    ``learnable = False`` runs the pretrain level alone. ``requires`` names the priors the
-    policy reads from ``MaskBatch.priors``.
+    Subclasses set ``name`` and ``description``, and implement :meth:`forward`. ``requires``
+    names the priors the policy reads from ``MaskBatch.priors`` (``"importance"``,
+    ``"foreground"``; the run's ``--prior`` provider supplies them). Constructors take the
+    :class:`PolicyContext` and keyword options from the run config (``policy_options``).
 
-    Constructors take the :class:`PolicyContext` and keyword options from the run config
-    (``policy_options``).
+    Which level trains a policy's parameters (each parameter is trained by exactly one):
+
+    - those :meth:`pretrain_parameters` names join the **pretrain level's** optimiser, beside
+      the MAE (same AdamW, learning rate, schedule and weight-decay rule), and follow the
+      gradient of the pretrain loss, which includes the policy's own :meth:`pretrain_loss`;
+    - the others are **level 3's** (the mask level of the MLO loop, moved by the
+      hypergradient) when ``learnable = True``, and not trained at all otherwise.
+
+    A policy with ``learnable = False`` runs the pretrain level alone.
     """
 
     name: ClassVar[str]
@@ -286,3 +352,39 @@ class MaskPolicy(nn.Module, abc.ABC):
     def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
         """An optional scalar added to the level-3 (mask) objective. None by default."""
         return None
+
+    def pretrain_loss(self, decision: MaskDecision, batch: MaskBatch, error: Tensor) -> Tensor | None:
+        """An optional scalar added to the pretrain (level-1) loss of every pretrain step.
+
+        It is how a policy trains its :meth:`pretrain_parameters` jointly with the MAE, e.g.
+        ``hpm``'s loss predictor. maskkit logs it as ``loss/policy_pretrain``.
+
+        Args:
+            decision: this step's decision, as :meth:`forward` returned it (graphs kept, so
+                ``decision.maps`` can carry the predictions to train).
+            batch: the batch the policy saw.
+            error: ``[B, L]`` float32 per-patch norm-pix reconstruction error of this step,
+                detached (the target, not a path into the MAE).
+
+        The hypergradient of a learnable policy treats this term as independent of level 3:
+        it never enters the pretrain loss that the mask level's hypergradient differentiates.
+        None by default, and never called for a policy that does not override it.
+        """
+        return None
+
+    def pretrain_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters trained at the pretrain level (see the class docstring). None by default."""
+        return iter(())
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called before every pretrain step with the step about to run (``1 ≤ step ≤
+        total_steps``), for schedules over training. Does nothing by default.
+
+        Keep what it sets in a buffer (``register_buffer``): buffers are checkpointed with the
+        policy, so a resumed run and ``maskkit visualize`` see the schedule where it stood.
+        """
+
+    def statistics(self) -> dict[str, float]:
+        """Scalars worth following over training (a learned β, learned ratios), logged as
+        ``policy/<key>`` in ``metrics.jsonl`` and kept in the summary. Empty by default."""
+        return {}

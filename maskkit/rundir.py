@@ -62,10 +62,16 @@ class MetricsMirror(Protocol):
 
 
 class RunDir:
-    """Paths and writers of one run directory."""
+    """Paths and writers of one run directory.
 
-    def __init__(self, path: Path) -> None:
+    ``writer=False`` is the view the other processes of a multi-process run hold: it reads like
+    any other, and its writers (:meth:`log`, :meth:`truncate_metrics`, :meth:`write_json`) do
+    nothing, because rank 0 alone writes the run dir.
+    """
+
+    def __init__(self, path: Path, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
         # Set by create(): whether this process made the folder (else it was an empty --run-dir).
         self.created_here = False
         self.mirrors: list[MetricsMirror] = []
@@ -99,9 +105,10 @@ class RunDir:
 
         Removes what maskkit wrote into the folder (config, metrics, plots) and the folder itself
         if :meth:`create` made it, so that the same ``--run-dir`` can be used again. A run dir
-        holding checkpoints is never touched. Returns whether anything was removed.
+        holding checkpoints is never touched, and neither is anything by a process that does not
+        write the run dir (``writer=False``). Returns whether anything was removed.
         """
-        if self.has_checkpoints() or not self.path.is_dir():
+        if not self.writer or self.has_checkpoints() or not self.path.is_dir():
             return False
         if self.created_here:
             shutil.rmtree(self.path)
@@ -143,6 +150,8 @@ class RunDir:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to ``metrics.jsonl`` (and hand it to each mirror)."""
+        if not self.writer:
+            return
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(record) + "\n")
         for mirror in self.mirrors:
@@ -167,6 +176,8 @@ class RunDir:
     def truncate_metrics(self, position: tuple[str, int] | None) -> None:
         """Drop the records logged after ``(stage, step)`` (all of them for None): a resumed run
         logs those steps again. Rewritten atomically."""
+        if not self.writer:
+            return
         order = {"pretrain": 0, "finetune": 1}
         if position is None:
             kept = []
@@ -182,6 +193,8 @@ class RunDir:
 
     def write_json(self, name: str, payload: Any) -> Path:
         path = self.path / name
+        if not self.writer:
+            return path
         atomic_write_text(path, json.dumps(payload, indent=2))
         return path
 

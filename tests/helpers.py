@@ -95,3 +95,23 @@ def write_medmnist_npz(path: Path, sizes: tuple[int, int, int] = (64, 32, 32), c
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return path
+
+
+def with_priors(dataset: LabelledDataset, maps) -> LabelledDataset:
+    """``dataset`` with per-pixel priors attached to every split; ``maps(split)`` gives
+    name → ``[N, H, W]`` uint8 for a split."""
+    import dataclasses
+
+    def attach(split: ImageSplit | None) -> ImageSplit | None:
+        return None if split is None else dataclasses.replace(split, priors=maps(split))
+
+    return dataclasses.replace(
+        dataset, train=attach(dataset.train), val=attach(dataset.val), test=attach(dataset.test)
+    )
+
+
+def red_channel_priors(split: ImageSplit) -> dict[str, torch.Tensor]:
+    """Priors that are a copy of the images' red channel, so alignment is checkable pixel for
+    pixel: ``importance`` = red, ``foreground`` = red ≥ 128 (as 0/255)."""
+    red = split.images[:, 0].clone()  # [N, H, W] uint8
+    return {"importance": red, "foreground": (red >= 128).to(torch.uint8) * 255}

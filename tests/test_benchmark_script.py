@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-POLICIES = ("random", "mlo", "mlo-light")
+POLICIES = ("random", "mlo", "mlo-light", "blockwise", "hpm")
 
 
 @pytest.mark.slow
@@ -62,9 +62,22 @@ def test_step_time_script_reports_every_policy(tmp_path: Path) -> None:
 
     assert mlo["loss_evaluations"]["pretrain/step"] == 2
     assert mlo["loss_evaluations"]["pretrain/hypergradient"] > 0
-    assert mlo["loss_evaluations"]["finetune/hypergradient"] > 0
+    # The finetune product reuses the features of the finetune step (E has not moved since).
+    assert mlo["loss_evaluations"]["finetune/step"] == 1
+    assert mlo["loss_evaluations"].get("finetune/hypergradient", 0) == 0
     assert mlo["loss_evaluations"]["mask/step"] == 1
     assert mlo["level_steps_per_iteration"] == {"pretrain": 2, "finetune": 1, "mask": 1}
     assert mlo["parameters"]["policy"] > rows["mlo-light"]["parameters"]["policy"]
     # The hypergradient costs extra forward/backward work over the same pretrain steps.
     assert mlo["flops_per_iteration"] > random["flops_per_iteration"]
+
+    # blockwise and hpm run the pretrain level alone; hpm's predictor trains inside its steps.
+    blockwise, hpm = rows["blockwise"], rows["hpm"]
+    for row in (blockwise, hpm):
+        assert row["loss_evaluations"] == {"pretrain/step": 2}
+        assert row["level_steps_per_iteration"] == {"pretrain": 2}
+    assert blockwise["parameters"]["policy"] == 0
+    assert hpm["parameters"]["policy"] == hpm["parameters"]["policy_pretrain"] > 0
+    assert hpm["parameters"]["trained"] == hpm["parameters"]["mae"] + hpm["parameters"]["policy_pretrain"]
+    assert hpm["flops_per_iteration"] > random["flops_per_iteration"]  # the predictor's passes
+    assert "(pretrain level)" in completed.stdout and "(not trained)" in completed.stdout

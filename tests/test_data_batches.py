@@ -42,7 +42,7 @@ def test_batches_cover_each_epoch_once_and_wrap() -> None:
     assert batches.steps_per_epoch == 3
     ids = []
     for _ in range(10):  # 40 items = 4 full epochs
-        images, labels = batches.next()
+        images, labels, _ = batches.next()
         assert images.shape == (bs, 3, 8, 8) and images.dtype == torch.float32
         assert labels.shape == (bs,) and labels.dtype == torch.int64
         ids += labels.tolist()
@@ -55,14 +55,14 @@ def test_batches_cover_each_epoch_once_and_wrap() -> None:
 def test_no_augment_returns_the_images() -> None:
     split = _split(6)
     batches = DeviceBatches(split, 6, CPU, MEAN, STD, augment="none")
-    images, labels = batches.next()
+    images, labels, _ = batches.next()
     assert torch.equal(_denormalize(images), split.images[labels])
 
 
 def test_batch_larger_than_split_cycles() -> None:
     batches = DeviceBatches(_split(3), 8, CPU, MEAN, STD, augment="none")
     assert batches.steps_per_epoch == 1
-    _, labels = batches.next()
+    _, labels, _ = batches.next()
     assert labels.shape == (8,)
     assert sorted(labels[:3].tolist()) == sorted(labels[3:6].tolist()) == [0, 1, 2]
     assert (batches.epoch, batches.position) == (2, 2)
@@ -73,9 +73,9 @@ def test_same_seed_same_stream_other_seed_differs() -> None:
     a = DeviceBatches(split, 7, CPU, MEAN, STD, seed=5)
     b = DeviceBatches(split, 7, CPU, MEAN, STD, seed=5)
     c = DeviceBatches(split, 7, CPU, MEAN, STD, seed=6)
-    xa, ya = a.next()
-    xb, yb = b.next()
-    _, yc = c.next()
+    xa, ya, _ = a.next()
+    xb, yb, _ = b.next()
+    _, yc, _ = c.next()
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(ya, yc)
 
@@ -106,7 +106,7 @@ def test_crop_flip_matches_torchvision() -> None:
 def test_crop_flip_augmentation_is_a_shifted_flipped_copy() -> None:
     split = _split(32)
     batches = DeviceBatches(split, 32, CPU, MEAN, STD, augment="crop_flip", seed=1)
-    images, labels = batches.next()
+    images, labels, _ = batches.next()
     got = _denormalize(images)
     padded = [TF.pad(img, [4], fill=0) for img in split.images[labels]]
     n_flipped = 0
@@ -140,18 +140,18 @@ def test_resume_reproduces_future_batches(augment: str) -> None:
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert (resumed.epoch, resumed.position) == (1, 6)
-    for (xe, ye), (xr, yr) in zip(expected, (resumed.next() for _ in range(5)), strict=True):
+    for (xe, ye, _), (xr, yr, _) in zip(expected, (resumed.next() for _ in range(5)), strict=True):
         assert torch.equal(xe, xr) and torch.equal(ye, yr)
 
 
 def test_randaugment_is_seeded_and_leaves_global_rng_alone() -> None:
     split = _split(8)
     state = torch.get_rng_state()
-    a, _ = DeviceBatches(split, 8, CPU, MEAN, STD, augment="randaugment", seed=2).next()
+    a = DeviceBatches(split, 8, CPU, MEAN, STD, augment="randaugment", seed=2).next().images
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(12345)  # the global RNG must not matter
-    b, _ = DeviceBatches(split, 8, CPU, MEAN, STD, augment="randaugment", seed=2).next()
-    c, _ = DeviceBatches(split, 8, CPU, MEAN, STD, augment="crop_flip", seed=2).next()
+    b = DeviceBatches(split, 8, CPU, MEAN, STD, augment="randaugment", seed=2).next().images
+    c = DeviceBatches(split, 8, CPU, MEAN, STD, augment="crop_flip", seed=2).next().images
     assert torch.equal(a, b)
     assert not torch.equal(a, c)  # RandAugment changed something
 
@@ -174,12 +174,12 @@ def test_bad_arguments() -> None:
 def test_iterate_eval_fixed_order_with_partial_batch() -> None:
     split = _split(10)
     batches = list(iterate_eval(split, 4, CPU, MEAN, STD))
-    assert [len(labels) for _, labels in batches] == [4, 4, 2]
-    images = torch.cat([x for x, _ in batches])
-    labels = torch.cat([y for _, y in batches])
+    assert [len(batch.labels) for batch in batches] == [4, 4, 2]
+    images = torch.cat([batch.images for batch in batches])
+    labels = torch.cat([batch.labels for batch in batches])
     assert labels.tolist() == list(range(10))
     assert torch.equal(images, normalize(split.images, MEAN, STD))
-    again, _ = next(iterate_eval(split, 4, CPU, MEAN, STD))
+    again = next(iterate_eval(split, 4, CPU, MEAN, STD)).images
     assert torch.equal(again, batches[0][0])
 
 
@@ -191,7 +191,7 @@ def test_cuda_batches_equal_cpu_batches(augment: str) -> None:
     gpu = DeviceBatches(split, 16, torch.device("cuda"), MEAN, STD, augment=augment, seed=4)
     assert gpu.images.is_cuda
     for _ in range(5):
-        (xc, yc), (xg, yg) = cpu.next(), gpu.next()
+        (xc, yc, _), (xg, yg, _) = cpu.next(), gpu.next()
         assert xg.is_cuda and yg.is_cuda
         assert torch.equal(yc, yg.cpu())
         if augment == "crop_flip":

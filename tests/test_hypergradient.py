@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from helpers import quiet_context, synthetic_dataset, tiny_config
 
 from maskkit.engine import betty_glue
+from maskkit.engine.objectives import mask_batch
 from maskkit.engine.pretrain import Pretrainer
 from maskkit.engine.run import build_models
-from maskkit.policy import MaskBatch
 from maskkit.weighting import WEIGHTINGS, loss_weighting
 
 PATHS = ("pretrain", "finetune-pretrain")
@@ -79,7 +79,9 @@ def _build(tmp_path, policy: str, weighting: str, **mask_level) -> Pretrainer:
         module.double()
     for level in pretrainer.mlo.levels.values():
         source = level.spec.next_batch
-        level.spec.next_batch = lambda source=source: (lambda batch: (batch[0].double(), batch[1]))(source())
+        level.spec.next_batch = lambda source=source: (lambda b: b._replace(images=b.images.double()))(
+            source()
+        )
     return pretrainer
 
 
@@ -137,7 +139,7 @@ def _unrolled_validation_loss(pretrainer: Pretrainer, run: EngineRun, path: str,
     try:
         images, decision = pair.images, pair.decision
         tokens = mae.embed(images)
-        batch = MaskBatch(images=images, tokens=weighting.policy_tokens(tokens), mask_ratio=0.5)
+        batch = mask_batch(mae, images, weighting.policy_tokens(tokens), 0.5, pair.priors)
         weights = policy(batch).weights
         pred = mae.decode(mae.encode(tokens, decision.ids_keep), decision.ids_restore)
         error = mae.reconstruction_error(images, pred)
@@ -153,7 +155,7 @@ def _unrolled_validation_loss(pretrainer: Pretrainer, run: EngineRun, path: str,
                     p.sub_(ETA_PRETRAIN * g)
         if path == "finetune-pretrain":
             torch.set_rng_state(run.finetune_pair_rng)
-            images, labels = levels["finetune"].cur_batch
+            images, labels, _ = levels["finetune"].cur_batch
             finetune_loss = F.cross_entropy(head(mae.features(images)), labels)
             grads = torch.autograd.grad(finetune_loss, head_params)
             with torch.no_grad():

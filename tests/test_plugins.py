@@ -32,6 +32,7 @@ import pytest
 import torch
 from helpers import MASKKIT_CLI
 from plugin_isolation import SITES_VARIABLE
+from safetensors.torch import load_file
 
 import maskkit.plugins as plugins_module
 from maskkit import cli
@@ -43,7 +44,18 @@ from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, d
 REPO = Path(__file__).resolve().parents[1]
 CHECKERBOARD_SOURCE = REPO / "examples" / "maskkit-checkerboard"
 PATCH_SCORER_SOURCE = REPO / "examples" / "maskkit-patch-scorer"
-BUILT_INS = {"random", "mlo", "mlo-light"}
+BUILT_INS = {
+    "random",
+    "mlo",
+    "mlo-light",
+    "blockwise",
+    "hpm",
+    *(
+        f"{name}{suffix}"
+        for name in ("semantic-soft", "region-ratio", "constraint")
+        for suffix in ("", "-fixed")
+    ),
+}
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -230,6 +242,47 @@ def assert_one_clean_error_line(result: CliResult, *fragments: str) -> str:
 
 # --- plugin sources -----------------------------------------------------------------------------
 
+# A fixed third-party policy with its own parameters trained at the pretrain level: a per-patch
+# predictor of the reconstruction error (zero-initialised), regressed by the pretrain-level hook.
+LOSS_AWARE = """
+    from __future__ import annotations
+
+    import torch
+    from torch import nn
+
+    from maskkit.hookspecs import hookimpl
+    from maskkit.policy import MaskPolicy, decision_from_scores
+
+
+    class LossAwareMasking(MaskPolicy):
+        name = "loss-aware"
+        description = "Test plugin: masks the patches its own predictor expects hardest."
+
+        def __init__(self, context):
+            super().__init__(context)
+            self.predictor = nn.Linear(context.embed_dim, 1)
+            nn.init.zeros_(self.predictor.weight)
+            nn.init.zeros_(self.predictor.bias)
+
+        def pretrain_parameters(self):
+            return self.predictor.parameters()
+
+        def forward(self, batch):
+            predicted = self.predictor(batch.tokens.detach()).squeeze(-1)  # [B, L]
+            noise = torch.rand(predicted.shape, device=predicted.device)
+            scores = predicted.detach() + noise
+            return decision_from_scores(scores, batch.mask_ratio, maps={"predicted error": predicted})
+
+        def pretrain_loss(self, decision, batch, error):
+            squared = (decision.maps["predicted error"] - error) ** 2  # [B, L]
+            return (squared * decision.mask).sum() / decision.mask.sum()
+
+
+    @hookimpl
+    def maskkit_policies():
+        return [LossAwareMasking]
+"""
+
 # Policies that load fine but break when used.
 FAULTY = """
     from __future__ import annotations
@@ -318,11 +371,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def good_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``maskkit-faulty`` and the two examples, ``maskkit-checkerboard`` and ``maskkit-patch-scorer``,
-    installed as the tutorial says (``pip install ./examples/<plugin>``, here into a target folder)."""
+    """``maskkit-faulty``, ``maskkit-loss-aware`` and the two examples, ``maskkit-checkerboard`` and
+    ``maskkit-patch-scorer``, installed as the tutorial says (``pip install ./examples/<plugin>``,
+    here into a target folder)."""
     root = tmp_path_factory.mktemp("good")
     projects = [
         write_package(root / "faulty", "maskkit-faulty", {"faulty": "policies"}, {"policies": FAULTY}),
+        write_package(
+            root / "loss-aware", "maskkit-loss-aware", {"loss-aware": "policy"}, {"policy": LOSS_AWARE}
+        ),
         copy_project(CHECKERBOARD_SOURCE, root / "checkerboard"),
         copy_project(PATCH_SCORER_SOURCE, root / "patch-scorer"),
     ]
@@ -383,6 +440,7 @@ def _cli_plan(good_site: Path, broken_site: Path, data_dir: Path) -> dict[str, P
     for policy, test in (
         ("patch-scorer", "test_train_with_the_learned_example"),
         ("checkerboard", "test_train_with_the_checkerboard_example"),
+        ("loss-aware", "test_train_with_a_third_party_policy_trained_at_the_pretrain_level"),
         ("bad-decision", "test_train_with_a_malformed_decision_fails_in_one_line"),
     ):
         plan[policy] = PlannedRun((test,), train_args(policy, data_dir, Path("run")), good_site)
@@ -433,8 +491,9 @@ def test_policies_lists_the_built_ins(cli_runs: dict[str, BackgroundCli]) -> Non
     assert set(listed) >= BUILT_INS
     for name in BUILT_INS:
         assert listed[name]["distribution"] == "maskkit"
-    assert listed["random"]["learnable"] == "no"
+    assert listed["random"]["learnable"] == listed["blockwise"]["learnable"] == "no"
     assert listed["mlo"]["learnable"] == listed["mlo-light"]["learnable"] == "yes"
+    assert listed["hpm"]["learnable"] == "pretrain level"
 
 
 def test_policies_lists_installed_third_party_plugins(cli_runs: dict[str, BackgroundCli]) -> None:
@@ -451,6 +510,11 @@ def test_policies_lists_installed_third_party_plugins(cli_runs: dict[str, Backgr
     }
     assert listed["bad-decision"]["distribution"] == listed["fragile"]["distribution"] == "maskkit-faulty"
     assert listed["random"]["distribution"] == "maskkit"
+    assert listed["loss-aware"] == {
+        "distribution": "maskkit-loss-aware",
+        "learnable": "pretrain level",
+        "needs": "-",
+    }
 
 
 def test_broken_plugins_are_reported_and_the_rest_still_load(cli_runs: dict[str, BackgroundCli]) -> None:
@@ -504,6 +568,7 @@ def test_policies_json_lists_policies_and_failures(cli_runs: dict[str, Backgroun
         "distribution": "maskkit",
         "plugin": "mlo",
         "learnable": True,
+        "trained_by": "yes",
         "requires": [],
         "description": by_name["mlo-light"]["description"],
     }
@@ -559,6 +624,23 @@ def test_train_with_the_checkerboard_example(cli_runs: dict[str, BackgroundCli])
     result, run_dir = training(cli_runs, "checkerboard")
     assert_finished_run(result, run_dir, "checkerboard")
     assert "fixed, pretrain level only" in result.stdout
+
+
+@pytest.mark.slow
+def test_train_with_a_third_party_policy_trained_at_the_pretrain_level(
+    cli_runs: dict[str, BackgroundCli],
+) -> None:
+    result, run_dir = training(cli_runs, "loss-aware")
+    assert_finished_run(result, run_dir, "loss-aware")
+    assert "its own parameters trained with the MAE" in " ".join(result.stdout.split())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss/policy_pretrain"] for record in records if "loss/policy_pretrain" in record]
+    assert len(losses) == 8 and all(loss > 0 for loss in losses)  # every step of the smoke preset
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pretrain"]["level_steps"] == {"pretrain": 8}  # no level 3
+    pretrained = json.loads((run_dir / "checkpoints" / "pretrained.json").read_text())["dir"]
+    weights = load_file(run_dir / "checkpoints" / pretrained / "policy.safetensors")
+    assert weights["predictor.weight"].abs().sum() > 0  # zero at the start: the hook trained it
 
 
 @pytest.mark.slow
@@ -691,7 +773,7 @@ def test_an_unknown_policy_names_the_plugins_that_failed_to_load(
     )
     line = assert_one_clean_error_line(
         result,
-        "unknown policy 'exploding-policy'. Available: mlo, mlo-light, random.",
+        f"unknown policy 'exploding-policy'. Available: {', '.join(sorted(BUILT_INS))}.",
         "2 plugins failed to load and may provide it:",
         "'exploding' from maskkit-exploding (RuntimeError: kaboom while importing)",
         "'nap' from maskkit-not-a-policy",

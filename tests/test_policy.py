@@ -126,13 +126,25 @@ def good() -> tuple[MaskDecision, MaskBatch]:
     torch.manual_seed(3)
     batch = make_batch(3, 16, ratio=0.75)
     weights = torch.rand(3, 16, requires_grad=True)
-    return decision_from_scores(torch.rand(3, 16), batch.mask_ratio, weights=weights), batch
+    maps = {"predicted loss": torch.randn(3, 16)}
+    return decision_from_scores(torch.rand(3, 16), batch.mask_ratio, weights=weights, maps=maps), batch
 
 
 def test_validate_accepts_a_good_decision(good: tuple[MaskDecision, MaskBatch]) -> None:
     decision, batch = good
     validate_decision(decision, batch, POLICY)
-    validate_decision(dataclasses.replace(decision, weights=None, scores=None), batch, POLICY)
+    validate_decision(dataclasses.replace(decision, weights=None, scores=None, maps={}), batch, POLICY)
+
+
+def test_maps_pass_through_with_their_graph_and_detached_drops_it() -> None:
+    producer = nn.Linear(8, 1)
+    predicted = producer(torch.randn(2, 16, 8)).squeeze(-1)  # [B, L]
+    decision = decision_from_scores(torch.rand(2, 16), 0.75, maps={"predicted loss": predicted})
+    assert decision.maps["predicted loss"] is predicted and predicted.requires_grad
+    kept = decision.detached()
+    assert not kept.maps["predicted loss"].requires_grad
+    assert torch.equal(kept.maps["predicted loss"], predicted.detach())
+    assert decision.maps["predicted loss"].requires_grad  # the original keeps its graph
 
 
 def _swap_kept_and_masked(decision: MaskDecision) -> MaskDecision:
@@ -206,6 +218,17 @@ BREAKAGES = {
         "a w shaped like scores",
     ),
     "weights a list": (lambda d: dataclasses.replace(d, weights=[0.5] * 16), "got list", "[B, L]"),
+    "map shape": (
+        lambda d: dataclasses.replace(d, maps={"predicted loss": d.maps["predicted loss"][:, :-1]}),
+        "map 'predicted loss' must be a [B, L] = [3, 16] tensor, got [3, 15]",
+        "each m shaped like scores",
+    ),
+    "map nan": (
+        lambda d: dataclasses.replace(d, maps={"x": _set(d.maps["predicted loss"], float("nan"))}),
+        "map 'x' holds non-finite values (1 of 48 NaN/inf)",
+        "check the computation behind the map",
+    ),
+    "maps not a dict": (lambda d: dataclasses.replace(d, maps=[d.mask]), "maps is list", "a dict of [B, L]"),
     "a tuple": (
         lambda d: (d.ids_keep, d.ids_restore, d.mask),
         "expected a MaskDecision, got tuple",

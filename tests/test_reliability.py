@@ -281,3 +281,10 @@ def test_discarding_an_unstarted_run_removes_only_what_maskkit_made(tmp_path):
     save_checkpoint(started.checkpoints, 1, {"model": torch.nn.Linear(2, 2)}, {"step": 1})
     assert not started.discard_unstarted()
     assert started.config_path.is_file() and checkpoint_path(started.checkpoints, "last") is not None
+
+    # The view the other processes of a multi-process run hold never removes anything: rank 0 does.
+    follower_dir = RunDir.create(tmp_path / "follower", "mlo", "dermamnist")
+    follower_dir.config_path.write_text("policy: mlo\n")
+    follower = RunDir(follower_dir.path, writer=False)
+    follower.created_here = True
+    assert not follower.discard_unstarted() and follower.config_path.is_file()

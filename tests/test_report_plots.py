@@ -214,6 +214,34 @@ def test_mask_grid_without_heatmaps(tmp_path: Path) -> None:
         assert b.size[1] == a.size[1]
 
 
+def test_mask_grid_draws_one_column_per_named_heatmap(tmp_path: Path) -> None:
+    originals = _images(2)
+    one = plot_mask_grid(
+        originals, originals, originals, tmp_path / "one.png", heatmaps=np.full((2, 4, 4), 0.5)
+    )
+    two = plot_mask_grid(
+        originals,
+        originals,
+        originals,
+        tmp_path / "two.png",
+        heatmaps={
+            "mask probability": np.full((2, 4, 4), 0.5),
+            "predicted loss": np.eye(4)[None].repeat(2, 0),
+        },
+    )
+    with Image.open(one) as a, Image.open(two) as b:
+        assert b.size[0] > a.size[0] * 1.2  # a fifth column with its own colorbar
+        assert b.size[1] == a.size[1]
+    with pytest.raises(ValueError, match="'predicted loss'"):
+        plot_mask_grid(
+            originals,
+            originals,
+            originals,
+            tmp_path / "x.png",
+            heatmaps={"predicted loss": np.zeros((3, 4, 4))},
+        )
+
+
 def test_mask_grid_original_cell_not_blank(tmp_path: Path) -> None:
     originals = _images(1)
     blank = np.zeros_like(originals)
@@ -237,7 +265,7 @@ def test_mask_grid_mismatched_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="channels-first"):
         chw = originals.transpose(0, 3, 1, 2)
         plot_mask_grid(chw, chw, chw, tmp_path / "x.png")
-    with pytest.raises(ValueError, match="heatmaps must be"):
+    with pytest.raises(ValueError, match="heatmaps 'mask probability' must be"):
         plot_mask_grid(originals, originals, originals, tmp_path / "x.png", heatmaps=np.zeros((3, 8, 8)))
     with pytest.raises(ValueError, match="row_labels"):
         plot_mask_grid(originals, originals, originals, tmp_path / "x.png", row_labels=["a"])

@@ -3,12 +3,12 @@
 >>> ds = load_dataset("dermamnist", default_data_dir(), image_size=32)
 >>> splits = make_splits(ds)
 >>> batches = DeviceBatches(splits.pretrain, 256, torch.device("cuda"), ds.mean, ds.std)
->>> images, labels = batches.next()  # [256, 3, 32, 32] float32, [256] int64
+>>> images, labels, priors = batches.next()  # [256, 3, 32, 32] float32, [256] int64, {}
 """
 
 from __future__ import annotations
 
-from .batches import Augment, DeviceBatches, crop_flip, cutout, iterate_eval, normalize
+from .batches import Augment, Batch, DeviceBatches, crop_flip, cutout, iterate_eval, normalize
 from .locations import DATA_DIR_ENV, default_data_dir
 from .registry import dataset_names, load_dataset
 from .splits import MaskSource, MLOSplits, make_splits
@@ -17,6 +17,7 @@ from .types import ImageSplit, LabelledDataset
 __all__ = [
     "DATA_DIR_ENV",
     "Augment",
+    "Batch",
     "DeviceBatches",
     "ImageSplit",
     "LabelledDataset",

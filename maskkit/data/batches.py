@@ -3,13 +3,25 @@
 All randomness comes from two CPU ``torch.Generator`` objects (one for the epoch permutations,
 one for augmentation), so a run is reproducible from its seed and resumes bit-exactly from
 :meth:`DeviceBatches.state_dict`, on CPU or GPU alike.
+
+A batch is a :class:`Batch`: images, labels, and the per-pixel prior maps a policy asked for.
+The priors are cropped and flipped in the very same gather as their images (they ride along as
+extra channels), so they stay aligned pixel for pixel; they draw no random numbers of their own,
+so a run's batches are the same with or without them.
+
+In a run of several processes every process draws the same *global* batch (the same
+permutation and the same augmentation draws, for all of its rows) and keeps its own contiguous
+slice of it, so the processes' slices together are exactly the batch a single process would
+draw, and the saved data-order state is the global one (a run may resume on a different number
+of processes).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal, get_args
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +31,7 @@ from maskkit.errors import DataError
 
 from .types import ImageSplit
 
-__all__ = ["Augment", "DeviceBatches", "crop_flip", "cutout", "iterate_eval", "normalize"]
+__all__ = ["Augment", "Batch", "DeviceBatches", "crop_flip", "cutout", "iterate_eval", "normalize"]
 
 Augment = Literal["none", "crop_flip", "randaugment"]
 
@@ -27,6 +39,40 @@ Augment = Literal["none", "crop_flip", "randaugment"]
 CROP_PADDING = 4
 
 StatLike = Sequence[float] | Tensor
+
+NO_PRIORS: Mapping[str, Tensor] = MappingProxyType({})
+
+
+class Batch(NamedTuple):
+    """One mini-batch.
+
+    Attributes:
+        images: ``[B, 3, H, W]`` float32, normalised.
+        labels: ``[B]`` int64.
+        priors: per-pixel prior maps by name, each ``[B, H, W]`` float32 in [0, 1], aligned
+            with ``images`` (cropped and flipped with them); empty unless asked for.
+    """
+
+    images: Tensor
+    labels: Tensor
+    priors: Mapping[str, Tensor] = NO_PRIORS
+
+
+def _unpack_priors(maps: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """``[B, P, H, W]`` uint8 → name → ``[B, H, W]`` float32 in [0, 1]."""
+    values = maps.to(torch.float32).div_(255.0)
+    return {name: values[:, index] for index, name in enumerate(names)}
+
+
+def _stack_priors(split: ImageSplit, names: Sequence[str]) -> Tensor:
+    """The split's maps ``names`` as ``[N, P, H, W]`` uint8 (P = len(names))."""
+    missing = [name for name in names if name not in split.priors]
+    if missing:
+        raise ValueError(f"the split holds no prior {missing} (it has {sorted(split.priors)})")
+    n, _, h, w = split.images.shape
+    if not names:
+        return torch.empty(n, 0, h, w, dtype=torch.uint8)
+    return torch.stack([split.priors[name] for name in names], dim=1)
 
 
 def _stat_tensor(values: StatLike, device: torch.device) -> Tensor:
@@ -118,10 +164,14 @@ class DeviceBatches:
     ``batch_size > N`` the data is cycled through several times per batch). Augmentation runs on
     the device on uint8, then the images are normalised on float.
 
+    With ``world_size > 1`` the batches are the slices of process ``rank``: each call draws the
+    next global batch of ``batch_size`` images, as one process would, and returns its rows
+    ``[rank·b, (rank+1)·b)`` with ``b = batch_size / world_size``.
+
     Attributes:
         epoch: number of completed passes over the split (the current permutation's index).
         position: index into the current permutation of the next image to serve.
-        batch_size: images per batch.
+        batch_size: images per global batch.
         augment: ``"none"``, ``"crop_flip"`` or ``"randaugment"`` (RandAugment, then crop_flip).
         cutout: side of the square :func:`cutout` zeroes in every normalised image (0 = none).
         device: where images and batches live.
@@ -137,6 +187,9 @@ class DeviceBatches:
         augment: Augment = "crop_flip",
         seed: int = 0,
         cutout: int = 0,
+        priors: Sequence[str] = (),
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         """Hold ``split`` on ``device``.
 
@@ -149,6 +202,10 @@ class DeviceBatches:
             augment: the augmentation applied to every training batch.
             seed: seeds the permutations and the augmentation.
             cutout: side in pixels of the square zeroed in each image after normalisation.
+            priors: names of the split's prior maps to serve with every batch, augmented with
+                their images (``crop_flip`` or ``none``; RandAugment has no way to move them).
+            rank, world_size: this process and the number of processes sharing each batch;
+                ``batch_size`` must be a multiple of ``world_size``.
         """
         if len(split) == 0:
             raise DataError("cannot draw batches from an empty split.")
@@ -156,14 +213,24 @@ class DeviceBatches:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if augment not in get_args(Augment):
             raise ValueError(f"augment must be one of {get_args(Augment)}, got {augment!r}")
+        if priors and augment == "randaugment":
+            raise ValueError("RandAugment would move images without their priors; use crop_flip or none")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(
+                f"a batch of {batch_size} cannot be split evenly across {world_size} processes (rank {rank})"
+            )
         self.device = torch.device(device)
         self.images = split.images.to(self.device)  # [N, 3, H, W] uint8
         self.labels = split.labels.to(self.device)  # [N] int64
+        self.prior_names = tuple(priors)
+        self.prior_maps = _stack_priors(split, self.prior_names).to(self.device)  # [N, P, H, W] uint8
         self.num_items = len(split)
         self.batch_size = batch_size
         self.augment: Augment = augment
         self.cutout = cutout
         self.seed = seed
+        local = batch_size // world_size
+        self._rows = slice(rank * local, (rank + 1) * local)  # this process's rows of a global batch
         self._mean = _stat_tensor(mean, self.device)
         self._std = _stat_tensor(std, self.device)
         self._perm_generator = torch.Generator().manual_seed(seed)
@@ -185,7 +252,7 @@ class DeviceBatches:
     def __iter__(self) -> DeviceBatches:
         return self
 
-    def __next__(self) -> tuple[Tensor, Tensor]:
+    def __next__(self) -> Batch:
         return self.next()
 
     def _next_indices(self) -> Tensor:
@@ -203,40 +270,61 @@ class DeviceBatches:
                 self._perm = torch.randperm(self.num_items, generator=self._perm_generator)
         return torch.cat(parts)
 
-    def _apply_augment(self, images: Tensor) -> Tensor:
-        """Augment ``[B, 3, H, W]`` uint8 images on the device; returns the same shape."""
-        if self.augment == "none":
+    def _gather(self, indices: Tensor) -> Tensor:
+        """Images ``[n, 3, H, W]`` uint8 at ``indices`` (``[n]``), with the served prior maps as
+        extra channels, ``[n, 3 + P, H, W]``, so that crop and flip move them together."""
+        indices = indices.to(self.device)
+        images = self.images.index_select(0, indices)
+        if not self.prior_names:
             return images
-        b = images.shape[0]
+        return torch.cat([images, self.prior_maps.index_select(0, indices)], dim=1)
+
+    def _augmented(self, indices: Tensor) -> Tensor:
+        """This process's rows of the global batch ``indices`` (``[B]``), augmented with the
+        global batch's draws; ``[b, 3 + P, H, W]`` uint8 on the device (channels past the third
+        are the prior maps, cropped and flipped with their images; RandAugment is refused with
+        priors)."""
+        rows = self._rows
+        b = indices.shape[0]
         if self._randaugment is not None:
-            # RandAugment draws from the global RNG: fork it, seeded from our generator.
+            # RandAugment draws from the global RNG: fork it, seeded from our generator. It draws
+            # image by image from one stream, so the images before this slice are augmented too,
+            # to leave the stream where a single process would have it.
             rand_seed = int(torch.randint(0, 1 << 62, (), generator=self._aug_generator))
+            upto = self._gather(indices[: rows.stop])
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(rand_seed)
-                images = torch.stack([self._randaugment(img) for img in images])
+                images = torch.stack([self._randaugment(img) for img in upto])[rows]
+        else:
+            images = self._gather(indices[rows])
+        if self.augment == "none":
+            return images
         span = 2 * CROP_PADDING + 1
         top = torch.randint(0, span, (b,), generator=self._aug_generator)
         left = torch.randint(0, span, (b,), generator=self._aug_generator)
         flip = torch.rand(b, generator=self._aug_generator) < 0.5
-        return crop_flip(images, top, left, flip, CROP_PADDING)
+        return crop_flip(images, top[rows], left[rows], flip[rows], CROP_PADDING)
 
-    def next(self) -> tuple[Tensor, Tensor]:
-        """The next training batch.
+    def next(self) -> Batch:
+        """The next training batch (this process's slice of it).
 
         Returns:
-            ``(images, labels)``: ``[B, 3, H, W]`` float32 normalised and ``[B]`` int64, both on
-            ``device``, with ``B == batch_size``.
+            ``Batch(images, labels, priors)``: ``[b, 3, H, W]`` float32 normalised, ``[b]`` int64
+            and name → ``[b, H, W]`` float32 in [0, 1], all on ``device``, with
+            ``b == batch_size / world_size``.
         """
-        indices = self._next_indices().to(self.device)
-        images = self.images.index_select(0, indices)
-        labels = self.labels.index_select(0, indices)
-        images = normalize(self._apply_augment(images), self._mean, self._std)
+        indices = self._next_indices()  # [B], the global batch
+        rows = self._rows
+        labels = self.labels.index_select(0, indices[rows].to(self.device))
+        stacked = self._augmented(indices)
+        images = normalize(stacked[:, :3], self._mean, self._std)
+        priors = _unpack_priors(stacked[:, 3:], self.prior_names) if self.prior_names else {}
         if self.cutout:
-            b, _, h, w = images.shape
+            b, _, h, w = indices.shape[0], *images.shape[1:]
             centre_y = torch.randint(0, h, (b,), generator=self._aug_generator)
             centre_x = torch.randint(0, w, (b,), generator=self._aug_generator)
-            images = cutout(images, centre_y, centre_x, self.cutout)
-        return images, labels
+            images = cutout(images, centre_y[rows], centre_x[rows], self.cutout)
+        return Batch(images, labels, priors)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to reproduce the future batches exactly (CPU tensors and ints)."""
@@ -275,7 +363,8 @@ def iterate_eval(
     device: torch.device | str,
     mean: StatLike,
     std: StatLike,
-) -> Iterator[tuple[Tensor, Tensor]]:
+    priors: Sequence[str] = (),
+) -> Iterator[Batch]:
     """All of ``split`` in order, in batches, without augmentation.
 
     Args:
@@ -284,16 +373,20 @@ def iterate_eval(
         device: where the batches are put.
         mean: per-channel means in ``[0, 1]``.
         std: per-channel standard deviations in ``[0, 1]``.
+        priors: names of the split's prior maps to serve with the images.
 
     Yields:
-        ``(images, labels)``: ``[B, 3, H, W]`` float32 normalised and ``[B]`` int64 on
-        ``device``.
+        ``Batch(images, labels, priors)``: ``[B, 3, H, W]`` float32 normalised, ``[B]`` int64
+        and name → ``[B, H, W]`` float32 in [0, 1] on ``device``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device)
     mean_t, std_t = _stat_tensor(mean, device), _stat_tensor(std, device)
+    names = tuple(priors)
+    maps = _stack_priors(split, names)
     for start in range(0, len(split), batch_size):
         images = split.images[start : start + batch_size].to(device, non_blocking=True)
         labels = split.labels[start : start + batch_size].to(device, non_blocking=True)
-        yield normalize(images, mean_t, std_t), labels
+        batch_priors = _unpack_priors(maps[start : start + batch_size].to(device), names) if names else {}
+        yield Batch(normalize(images, mean_t, std_t), labels, batch_priors)

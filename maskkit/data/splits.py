@@ -83,9 +83,9 @@ def make_splits(
     else:
         n_val = round(len(train) * val_portion)
         n_kept = len(train) - n_val
-        # Slices are views of the train tensors: no copy.
-        eval_split = ImageSplit(train.images[n_kept:], train.labels[n_kept:])
-        train = ImageSplit(train.images[:n_kept], train.labels[:n_kept])
+        # Slices are views of the train tensors (images, labels, priors): no copy.
+        eval_split = train[n_kept:]
+        train = train[:n_kept]
         eval_source = f"the last {n_val} train images, held out (val_portion={val_portion})"
 
     if mask_source == "val":
@@ -98,8 +98,8 @@ def make_splits(
     else:
         # The small epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
         n_finetune = math.floor(len(train) * train_portion + 1e-9)
-        finetune = ImageSplit(train.images[:n_finetune], train.labels[:n_finetune])
-        mask_val = ImageSplit(train.images[n_finetune:], train.labels[n_finetune:])
+        finetune = train[:n_finetune]
+        mask_val = train[n_finetune:]
 
     splits = MLOSplits(
         pretrain=train,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -18,10 +18,14 @@ class ImageSplit:
         images: ``[N, C, H, W]`` uint8 pixels in ``0..255``; always ``C == 3``
             (grayscale sources are repeated to three channels by the loaders).
         labels: ``[N]`` int64 class indices in ``0..num_classes-1``.
+        priors: per-pixel prior maps by name, each ``[N, H, W]`` uint8 (``round(255 · value)``),
+            row for row with ``images`` (empty unless a policy needs them; see
+            :mod:`maskkit.priors`). Subsets and slices keep them aligned.
     """
 
     images: Tensor
     labels: Tensor
+    priors: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -37,6 +41,13 @@ class ImageSplit:
             raise ValueError(
                 f"ImageSplit has {self.images.shape[0]} images but {self.labels.shape[0]} labels"
             )
+        expected = (self.images.shape[0], *self.images.shape[2:])
+        for name, values in self.priors.items():
+            if tuple(values.shape) != expected or values.dtype != torch.uint8:
+                raise ValueError(
+                    f"ImageSplit prior '{name}' must be uint8 of shape {list(expected)}, "
+                    f"got {values.dtype} {list(values.shape)}"
+                )
 
     def __len__(self) -> int:
         """Number of images ``N``."""
@@ -53,7 +64,15 @@ class ImageSplit:
             ``indices``. The tensors are copies, not views.
         """
         indices = torch.as_tensor(indices, device=self.images.device)
-        return ImageSplit(images=self.images[indices], labels=self.labels[indices])
+        priors = {name: values[indices] for name, values in self.priors.items()}
+        return ImageSplit(images=self.images[indices], labels=self.labels[indices], priors=priors)
+
+    def __getitem__(self, rows: slice) -> ImageSplit:
+        """The rows ``rows`` (a slice) of images, labels and priors, as views (no copy)."""
+        if not isinstance(rows, slice):
+            raise TypeError("an ImageSplit is sliced with a slice; use subset() for indices")
+        priors = {name: values[rows] for name, values in self.priors.items()}
+        return ImageSplit(images=self.images[rows], labels=self.labels[rows], priors=priors)
 
 
 @dataclass

@@ -29,6 +29,25 @@ finetune level's encoder features; the pretrain level's mask decision). Both sid
 draw the same random numbers (:func:`same_random_draws`), so dropout in the head does not turn
 the finite difference into noise, a flaw the reference shares. See ``docs/mlo.md`` for the
 evaluation count per iteration.
+
+Several processes (``docs/distributed.md``): each level's batch is split across the processes,
+and every level's loss is a mean over its batch, so the global batch's loss is the mean of the
+processes' losses, and its gradient the mean of theirs. All averaging across processes happens
+here, in three places:
+
+1. :meth:`_Level.backward`: a level's own gradients, and for the mask level the seeds
+   dL_val/d(first problem of each path), in one all-reduce.
+2. :func:`hypergradient`: the output of every best-response-Jacobian product. A product is
+   linear in its vector but is computed from one process's slice of the level's batch; with the
+   same (global) vector on every process, the mean of the processes' products is the product of
+   the global batch's loss. Seeds and products being global, every vector that enters a product
+   is global, and the hypergradient equals the single-process one on the global batch (up to
+   floating-point reduction order). Averaging finished per-process hypergradients instead would
+   not: each would be a product of a per-process vector.
+3. :func:`cg_product`: each Hessian-vector product inside conjugate gradient, for the same reason.
+
+:meth:`_Level.get_loss` averages the logged loss, so divergence is detected on every process at
+once. All of it is the identity with one process.
 """
 
 from __future__ import annotations
@@ -38,7 +57,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,9 +66,11 @@ from betty.engine import Engine
 from betty.logging.logger_base import get_logger
 from betty.problems import ImplicitProblem
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from maskkit.distributed import average_across_ranks, mean_of
 from maskkit.errors import TrainingDivergedError
 from maskkit.runtime import full_precision
 
@@ -78,6 +99,11 @@ class LevelSpec:
             evaluates at ±εv; None perturbs the parameters in place and differentiates each
             side's ``loss`` (finite differences only).
         darts_mode: ``exact`` (forward-mode, needs ``functional``) or ``finite-difference``.
+        extra_parameters: parameters outside ``module`` that this level's optimiser also steps
+            by the gradient of ``loss`` (a policy's pretrain-level parameters). They are not
+            the level's variables in any hypergradient: upper levels treat them as constants.
+        excluded_parameters: parameters of ``module`` that this level does not train (they
+            belong to another level).
     """
 
     name: str
@@ -93,6 +119,8 @@ class LevelSpec:
     hypergradient_loss: Callable[[tuple], Tensor] | None = None
     functional: FunctionalLoss | None = None
     darts_mode: str = "exact"
+    extra_parameters: list[nn.Parameter] = field(default_factory=list)
+    excluded_parameters: list[nn.Parameter] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +159,7 @@ class _Level(ImplicitProblem):
             device=str(device),
         )
         self.spec = spec
+        self._excluded = {id(p) for p in spec.excluded_parameters}
         self.last_loss: float | None = None
         self.last_hypergradient: list[Tensor] | None = None
         # Set to compute the next hypergradient path by path (one more product; for diagnostics).
@@ -153,10 +182,12 @@ class _Level(ImplicitProblem):
 
     def get_loss(self, batch: tuple) -> tuple[Tensor, dict]:
         try:
-            loss, loss_dict = super().get_loss(batch)
+            with record_function(f"maskkit.{self.name}.forward"):
+                loss, loss_dict = super().get_loss(batch)
         except TrainingDivergedError as error:
             self._diverged(str(error))
-        self.last_loss = loss_dict["loss"]
+        # The global batch's loss: the mean of the processes' (equal-sized) slices' losses.
+        self.last_loss = mean_of(loss_dict["loss"])
         if not math.isfinite(self.last_loss):
             self._diverged(f"its loss became {self.last_loss}")
         return loss, loss_dict
@@ -169,7 +200,13 @@ class _Level(ImplicitProblem):
         )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        """The level's variables: its module's parameters, less the excluded ones."""
+        return [p for p in self.module.parameters() if p.requires_grad and id(p) not in self._excluded]
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        for param in self.spec.extra_parameters:
+            param.grad = None
 
     def hypergradient_objective(self, batch: tuple) -> Tensor:
         """This level's loss with every graph kept (used when a hypergradient passes through)."""
@@ -188,14 +225,18 @@ class _Level(ImplicitProblem):
         allow_unused: bool = True,
     ) -> None:
         params = list(params)
+        extras = [p for p in self.spec.extra_parameters if p.requires_grad]
         first_hops = _unique(path[1] for path in paths)
         hop_params = [list(problem.trainable_parameters()) for problem in first_hops]
-        inputs = params + [p for group in hop_params for p in group]
-        grads = _grad(loss, inputs, retain_graph=False)
+        inputs = params + extras + [p for group in hop_params for p in group]
+        with record_function(f"maskkit.{self.name}.backward"):
+            # The level's own gradients and the seeds of its paths, averaged over the processes.
+            grads = average_across_ranks(_grad(loss, inputs, retain_graph=False))
         self.set_grads(params, [g for g in grads[: len(params)]])
+        self.set_grads(extras, grads[len(params) : len(params) + len(extras)])
         if not paths:
             return
-        offset, seeds = len(params), {}
+        offset, seeds = len(params) + len(extras), {}
         for problem, group in zip(first_hops, hop_params, strict=True):
             seeds[problem] = list(grads[offset : offset + len(group)])
             offset += len(group)
@@ -274,7 +315,7 @@ def hypergradient(
         for path in paths:
             vector = seeds[path[1]]
             for current, following in itertools.pairwise(path[1:]):
-                vector = JACOBIAN_PRODUCTS[current.config.type](vector, current, following)
+                vector = global_product(vector, current, following)
             parts[path_name(path)] = [v.detach() for v in vector]
         total = [torch.stack(terms).sum(0) for terms in zip(*parts.values(), strict=True)]
         return total, parts
@@ -291,7 +332,7 @@ def hypergradient(
         if vector is None:
             continue
         for following in successors[current]:
-            product = JACOBIAN_PRODUCTS[current.config.type](vector, current, following)
+            product = global_product(vector, current, following)
             target = (
                 result
                 if following is upper
@@ -302,6 +343,19 @@ def hypergradient(
             for accumulated, term in zip(target, product, strict=True):
                 accumulated.add_(term)
     return result, {}
+
+
+def global_product(vector: list[Tensor], current: _Level, following: _Level) -> list[Tensor]:
+    """The best-response-Jacobian product of ``current`` toward ``following`` for the global batch,
+    under a profiler label (``maskkit.product.<level>``; the levels' own work is
+    ``maskkit.<level>.forward/backward``).
+
+    Each process computes the product on its slice of ``current``'s batch with the same global
+    ``vector``; the product is linear in the level's loss, a mean over the batch, so the mean of
+    the processes' products is the global batch's product (the product itself with one process).
+    """
+    with record_function(f"maskkit.product.{current.name}"):
+        return average_across_ranks(JACOBIAN_PRODUCTS[current.config.type](vector, current, following))
 
 
 def _topological_order(successors: dict[_Level, list[_Level]], upper: _Level) -> list[_Level]:
@@ -386,10 +440,16 @@ def darts_product(vector: list[Tensor], current: _Level, previous: _Level) -> li
     shared = functional.prepare(batch)
     names = [name for name, p in current.module.named_parameters() if p.requires_grad]
     if spec.darts_mode == "exact":
-        primals = {n: p.detach() for n, p in zip(names, params, strict=True)}
-        tangents = dict(zip(names, vector, strict=True))
+        # Parameters along which v is zero (the decoder, which no upper level reads) stay fixed
+        # inputs: forward mode then carries no tangent for them.
+        moving = torch.stack([v.ne(0).any() for v in vector]).tolist()
+        fixed = {n: p.detach() for n, p, m in zip(names, params, moving, strict=True) if not m}
+        primals = {n: p.detach() for n, p, m in zip(names, params, moving, strict=True) if m}
+        tangents = {n: v for n, v, m in zip(names, vector, moving, strict=True) if m}
         with second_order_attention():
-            _, directional = jvp(lambda at: functional.loss_at(shared, at), (primals,), (tangents,))
+            _, directional = jvp(
+                lambda at: functional.loss_at(shared, {**fixed, **at}), (primals,), (tangents,)
+            )
         if not directional.requires_grad:  # the loss does not depend on `previous` at all
             return [torch.zeros_like(p) for p in targets]
         return [-g for g in _grad(directional, targets)]
@@ -436,7 +496,10 @@ def cg_product(vector: list[Tensor], current: _Level, previous: _Level) -> list[
     with second_order_attention():
         inner = _inner_gradient(current)
         params = current.trainable_parameters()
-        solution = conjugate_gradient(lambda d: _vjp(inner, params, d), vector, current.config.cg_iterations)
+        # Hessian-vector products of the global batch's loss: the mean of the processes'.
+        solution = conjugate_gradient(
+            lambda d: average_across_ranks(_vjp(inner, params, d)), vector, current.config.cg_iterations
+        )
         return [-g for g in _vjp(inner, previous.trainable_parameters(), solution)]
 
 

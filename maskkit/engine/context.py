@@ -1,4 +1,8 @@
-"""What every stage of a run shares: config, device, data, run dir, progress display."""
+"""What every stage of a run shares: config, device, data, run dir, progress display.
+
+In a multi-process run every process holds a context; rank 0's writes the run dir (the others
+hold a :class:`~maskkit.rundir.RunDir` with ``writer=False`` and a quiet console).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from maskkit.checkpoint import save_checkpoint
 from maskkit.config import RunConfig
 from maskkit.data import ImageSplit, LabelledDataset, MLOSplits
+from maskkit.distributed import with_every_rank_rng
 from maskkit.engine.evaluate import evaluate_classifier
 from maskkit.engine.progress import PlainProgress, progress_display
 from maskkit.rundir import RunDir
@@ -54,6 +60,22 @@ class RunContext:
             self.std,
             self.autocast,
         )
+
+    def save_checkpoint(
+        self,
+        step: int,
+        modules: dict[str, torch.nn.Module],
+        state: dict,
+        pointers: tuple[str, ...] = ("last",),
+    ) -> None:
+        """Checkpoint the run as ``step`` (:func:`maskkit.checkpoint.save_checkpoint`).
+
+        With several processes every process calls it at the same step: the RNG state of each
+        is gathered into ``state`` (a collective), and rank 0 alone writes.
+        """
+        state = with_every_rank_rng(state)
+        if self.run.writer:
+            save_checkpoint(self.run.checkpoints, step, modules, state, pointers)
 
     def progress(self) -> Progress | PlainProgress:
         """A rich progress bar with a free-text status field (loss, throughput) on a terminal;

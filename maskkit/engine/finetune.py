@@ -1,7 +1,8 @@
 """Stage 2: end-to-end fine-tuning of encoder + head (the seed's recipe).
 
 The stage checkpoints at the end of every epoch (weights, optimiser, schedule, data order, RNG),
-so an interrupted run resumes where it stopped.
+so an interrupted run resumes where it stopped. With several processes each trains on its slice
+of every global batch and the gradients are averaged across them before each step.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from maskkit.checkpoint import Checkpoint, save_checkpoint
+from maskkit.checkpoint import Checkpoint
 from maskkit.data import DeviceBatches
+from maskkit.distributed import average_gradients_, rank, restore_rng_state, sum_of, world_size
 from maskkit.engine.context import RunContext
 from maskkit.engine.optim import adamw, cosine_schedule
 from maskkit.errors import TrainingDivergedError
 from maskkit.models import ViTClassifier
-from maskkit.runtime import full_precision, rng_state, set_rng_state
+from maskkit.runtime import full_precision, rng_state
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Finetuner:
         # The decoder takes no part in classification, and gets no optimiser state.
         trainable = torch.nn.ModuleDict({"encoder": self.model.mae.encoder(), "head": self.model.head})
         self.optimizer = adamw(trainable, config.lr, config.weight_decay, config.betas)
+        self._parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         warmup = round(config.warmup_epochs * self.per_epoch)
         self.scheduler = cosine_schedule(self.optimizer, self.total, warmup_steps=warmup)
         self.batches = DeviceBatches(
@@ -76,6 +79,8 @@ class Finetuner:
             augment=config.augment,
             seed=context.config.seed * 1000 + 4,
             cutout=config.cutout,
+            rank=rank(),
+            world_size=world_size(),
         )
         self.history: list[dict] = []
         self.running = _Running()
@@ -102,7 +107,7 @@ class Finetuner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["batches"])
-        set_rng_state(state["rng"])
+        restore_rng_state(state, self.context.config.seed)
         self.history = list(state["history"])
         self.running = _Running(**state["running"])
         self.seconds_before = state["seconds"]
@@ -110,18 +115,20 @@ class Finetuner:
 
     def _train_step(self, step: int) -> None:
         config = self.context.config.finetune
-        images, labels = self.batches.next()
+        images, labels, _ = self.batches.next()
         with self.context.autocast():
             logits = self.model(images)
         loss = F.cross_entropy(full_precision(logits), labels, label_smoothing=config.label_smoothing)
-        if not torch.isfinite(loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # The global batch's gradient and loss: the means over the processes' slices.
+        global_loss = average_gradients_(self._parameters, loss)
+        if not math.isfinite(global_loss):
             raise TrainingDivergedError(
-                f"the fine-tuning loss became {loss.item()} at its step {step}. The last good "
+                f"the fine-tuning loss became {global_loss} at its step {step}. The last good "
                 "checkpoint is kept. Start a new run with a lower lr (--set finetune.lr=...), or "
                 "resume this one in fp32 (--resume RUN_DIR --set precision=fp32)."
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.running.loss += loss.item() * len(labels)
@@ -131,12 +138,14 @@ class Finetuner:
     def _end_of_epoch(self, step: int, seconds: float) -> dict:
         context = self.context
         metrics = context.evaluate(self.model, context.splits.eval)
+        # The global batches' totals since the last epoch boundary.
+        loss_sum, correct, count = sum_of([self.running.loss, self.running.correct, self.running.count])
         record = {
             "stage": "finetune",
             "step": step,
             "epoch": round(step / self.per_epoch, 3),
-            "train/loss": self.running.loss / max(1, self.running.count),
-            "train/accuracy": self.running.correct / max(1, self.running.count),
+            "train/loss": loss_sum / max(1, count),
+            "train/accuracy": correct / max(1, count),
             "val/accuracy": metrics["accuracy"],
             "val/weighted_f1": metrics["weighted_f1"],
             "lr/finetune": self.optimizer.param_groups[0]["lr"],
@@ -146,8 +155,7 @@ class Finetuner:
         self.history.append(record)
         self.running = _Running()
         pointers = ("last", "final") if step == self.total else ("last",)
-        save_checkpoint(
-            context.run.checkpoints,
+        context.save_checkpoint(
             self.step_offset + step,
             {"mae": self.model.mae, "head": self.model.head},
             self.training_state(step, seconds),
@@ -177,8 +185,7 @@ class Finetuner:
         self.model.eval()
         seconds = self.seconds_before + time.perf_counter() - started
         if self.total == 0:  # finetune.epochs = 0: evaluate the pretrained encoder and head as they are
-            save_checkpoint(
-                self.context.run.checkpoints,
+            self.context.save_checkpoint(
                 self.step_offset,
                 {"mae": self.model.mae, "head": self.model.head},
                 self.training_state(0, seconds),

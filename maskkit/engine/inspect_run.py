@@ -12,11 +12,11 @@ from maskkit.checkpoint import checkpoint_path, load_checkpoint
 from maskkit.config import load_run_config
 from maskkit.data import normalize
 from maskkit.engine.context import RunContext
-from maskkit.engine.objectives import masked_reconstruction
+from maskkit.engine.objectives import decide, masked_reconstruction
 from maskkit.engine.run import build_models, prepare
 from maskkit.errors import ConfigError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
-from maskkit.policy import MaskPolicy
+from maskkit.policy import MaskDecision, MaskPolicy
 from maskkit.report import plot_confusion_matrix, plot_mask_grid, print_metrics
 from maskkit.rundir import RunDir
 from maskkit.weighting import loss_weighting
@@ -33,12 +33,13 @@ def _first_available(run: RunDir, pointers: tuple[str, ...]) -> str:
 
 
 def _open(
-    run_dir: Path, console: Console
+    run_dir: Path, console: Console, with_priors: bool = True
 ) -> tuple[RunContext, MaskedAutoencoderViT, MaskPolicy, ClassifierHead]:
-    """A finished (or interrupted) run's context and freshly built models, before any weights load."""
+    """A finished (or interrupted) run's context and freshly built models, before any weights
+    load; the priors of its policy are attached unless ``with_priors`` is False."""
     run = RunDir.open(run_dir)
     config = load_run_config(run.config_path)
-    device, dataset, splits = prepare(config, console)
+    device, dataset, splits = prepare(config, console, with_priors)
     mae, policy, head = build_models(config, dataset.num_classes, device)
     return RunContext(config, device, dataset, splits, run, console), mae, policy, head
 
@@ -47,7 +48,7 @@ def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
     """Evaluate the fine-tuned model of a run on ``split`` (test or val); save JSON and PNG."""
     if split not in ("test", "val"):
         raise ConfigError(f"unknown split '{split}'; use test or val")
-    context, mae, _, head = _open(run_dir, console)
+    context, mae, _, head = _open(run_dir, console, with_priors=False)  # the classifier needs none
     run = context.run
     target = context.splits.test if split == "test" else context.dataset.val
     if target is None:
@@ -65,9 +66,29 @@ def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
     return metrics
 
 
+def patch_maps(decision: MaskDecision, grid_size: int) -> dict[str, np.ndarray]:
+    """The per-patch maps to draw beside a decision's mask, by column title, each ``[N, g, g]``
+    in [0, 1]: the weights as "mask probability" (as they are), then each of the policy's
+    ``maps`` (e.g. ``hpm``'s predicted loss) scaled to [0, 1] per image (min to max)."""
+    maps = {}
+    if decision.weights is not None:
+        maps["mask probability"] = decision.weights.float().clamp(0, 1)
+    for name, values in decision.maps.items():
+        values = values.float()
+        low, high = values.min(dim=1, keepdim=True).values, values.max(dim=1, keepdim=True).values
+        maps[name] = (values - low) / (high - low).clamp_min(1e-12)
+    return {name: values.reshape(-1, grid_size, grid_size).cpu().numpy() for name, values in maps.items()}
+
+
+#: Masks drawn to estimate the masking frequency of a policy that gives no mask probability.
+FREQUENCY_DRAWS = 32
+
+
 @torch.no_grad()
 def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int, console: Console) -> Path:
-    """PNG grid of test images: original → masked → reconstruction (→ mask probability)."""
+    """PNG grid of test images: original → masked → reconstruction (→ the policy's per-patch
+    maps: mask probability, predicted loss, ...); for a policy that reads a prior: original →
+    prior → the maps → masked → reconstruction."""
     context, mae, policy, _ = _open(run_dir, console)
     run, config, dataset, splits, device = (
         context.run,
@@ -87,10 +108,12 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
     indices = torch.randperm(len(splits.test), generator=generator)[:count]
     raw = splits.test.images[indices].to(device)  # [N, C, H, W] uint8
     images = normalize(raw, dataset.mean, dataset.std)
+    priors = {  # name → [N, H, W] in [0, 1], as the batches serve them
+        name: splits.test.priors[name][indices].to(device).float() / 255.0 for name in sorted(policy.requires)
+    }
+    weighting = loss_weighting(config.pretrain.weighting)
     torch.manual_seed(seed)
-    reconstruction = masked_reconstruction(
-        mae, policy, images, config.mask_ratio, loss_weighting(config.pretrain.weighting)
-    )
+    reconstruction = masked_reconstruction(mae, policy, images, config.mask_ratio, weighting, priors)
     decision, pred = reconstruction.decision, reconstruction.pred
     pixels = mae.unpatchify(mae.denormalized_prediction(images, pred.float()))  # [N, C, H, W]
     patch_mask = decision.mask.unsqueeze(-1).expand(-1, -1, mae.config.patch_size**2 * 3)
@@ -107,12 +130,29 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
     masked = to_numpy(images * (1 - mask_image) + grey * mask_image)
     # As in the MAE paper: the reconstruction with the visible patches pasted back.
     reconstructions = to_numpy(images * (1 - mask_image) + pixels * mask_image)
-    heatmaps = None
-    if decision.weights is not None:
-        grid = mae.grid_size
-        heatmaps = decision.weights.float().reshape(-1, grid, grid).clamp(0, 1).cpu().numpy()
+    grid = mae.grid_size
+    heatmaps = patch_maps(decision, grid)
+    if not heatmaps and priors:  # no probability to show: how often the policy masks each patch
+        draws = [
+            decide(mae, policy, images, config.mask_ratio, weighting, priors)[2].mask
+            for _ in range(FREQUENCY_DRAWS)
+        ]
+        frequency = torch.stack(draws).float().mean(0).reshape(-1, grid, grid).cpu().numpy()
+        heatmaps = {f"mask frequency ({FREQUENCY_DRAWS} draws)": frequency}
+    prior_maps, prior_label = None, "prior"
+    if priors:
+        shown = sorted(priors)[0]
+        prior_maps, prior_label = priors[shown].cpu().numpy(), f"prior: {config.prior} {shown}"
     path = output or run.plots / f"masks_{pointer}.png"
-    plot_mask_grid(originals, masked, reconstructions, path, heatmaps=heatmaps)
+    plot_mask_grid(
+        originals,
+        masked,
+        reconstructions,
+        path,
+        heatmaps=heatmaps or None,
+        priors=prior_maps,
+        prior_label=prior_label,
+    )
     console.print(
         f"saved [cyan]{path}[/] ({count} test images, policy {config.policy}, checkpoint '{pointer}')"
     )

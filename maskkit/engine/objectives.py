@@ -19,23 +19,31 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from maskkit.engine.policy_calls import checked_decision, checked_regularizer, plugin_code
+from maskkit.data import Batch
+from maskkit.distributed import mean_of, world_size
+from maskkit.engine.policy_calls import (
+    checked_decision,
+    checked_pretrain_loss,
+    checked_regularizer,
+    plugin_code,
+)
 from maskkit.errors import TrainingDivergedError
 from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy
+from maskkit.priors.alignment import patch_priors
 from maskkit.runtime import full_precision
 from maskkit.weighting import LossWeighting
 
-Batch = tuple[Tensor, Tensor]  # images [B, C, H, W], labels [B]
+PixelPriors = Mapping[str, Tensor]  # name → [B, H, W] per-pixel maps, aligned with the images
 
 
 @dataclass
@@ -47,18 +55,32 @@ class Reconstruction:
         decision: the policy's decision.
         pred: ``[B, L, p·p·C]`` pixel predictions.
         error: ``[B, L]`` per-patch norm-pix error, unweighted.
+        batch: the batch the policy saw, priors pooled to the patch grid (``[B, L]``).
     """
 
     loss: Tensor
     decision: MaskDecision
     pred: Tensor
     error: Tensor
+    batch: MaskBatch
 
     def detached(self) -> Reconstruction:
         """A copy without graphs, to keep for diagnostics."""
-        weights = self.decision.weights
-        decision = replace(self.decision, weights=None if weights is None else weights.detach())
-        return Reconstruction(self.loss.detach(), decision, self.pred.detach(), self.error.detach())
+        batch = MaskBatch(
+            self.batch.images, self.batch.tokens.detach(), self.batch.mask_ratio, self.batch.priors
+        )
+        return Reconstruction(
+            self.loss.detach(), self.decision.detached(), self.pred.detach(), self.error.detach(), batch
+        )
+
+
+def mask_batch(
+    mae: MaskedAutoencoderViT, images: Tensor, tokens: Tensor, mask_ratio: float, priors: PixelPriors | None
+) -> MaskBatch:
+    """What a policy sees: the images, their ``[B, L, D]`` tokens and the priors pooled from
+    per-pixel ``[B, H, W]`` to the patch grid ``[B, L]`` (the one place they are pooled)."""
+    pooled = patch_priors(priors, mae.config.patch_size) if priors else {}
+    return MaskBatch(images=images, tokens=tokens, mask_ratio=mask_ratio, priors=pooled)
 
 
 def decide(
@@ -67,8 +89,9 @@ def decide(
     images: Tensor,
     mask_ratio: float,
     weighting: LossWeighting,
+    priors: PixelPriors | None = None,
 ) -> tuple[Tensor, MaskBatch, MaskDecision]:
-    """Embed ``images`` and let ``policy`` decide.
+    """Embed ``images`` and let ``policy`` decide, with the ``priors`` aligned to ``images``.
 
     Returns ``(tokens, batch, decision)``: the ``[B, L, D]`` tokens with their graph into E, the
     batch the policy saw (tokens as the weighting lets it see them), and its checked decision.
@@ -78,7 +101,7 @@ def decide(
         # Checked before the policy sees them: non-finite tokens would otherwise surface as a
         # "malformed decision" of a policy that did nothing wrong.
         raise TrainingDivergedError("the patch embeddings became non-finite")
-    batch = MaskBatch(images=images, tokens=weighting.policy_tokens(tokens), mask_ratio=mask_ratio)
+    batch = mask_batch(mae, images, weighting.policy_tokens(tokens), mask_ratio, priors)
     return tokens, batch, checked_decision(policy, batch)
 
 
@@ -88,15 +111,17 @@ def masked_reconstruction(
     images: Tensor,
     mask_ratio: float,
     weighting: LossWeighting,
+    priors: PixelPriors | None = None,
 ) -> Reconstruction:
-    """Mask with ``policy``, reconstruct, and weight the per-patch error by ``weighting``."""
-    tokens, _, decision = decide(mae, policy, images, mask_ratio, weighting)
+    """Mask with ``policy`` (which reads ``priors``, per pixel and aligned with ``images``),
+    reconstruct, and weight the per-patch error by ``weighting``."""
+    tokens, seen, decision = decide(mae, policy, images, mask_ratio, weighting, priors)
     latent = mae.encode(tokens, decision.ids_keep)  # [B, 1 + K, D]
     pred = mae.decode(latent, decision.ids_restore)  # [B, L, p·p·C]
     error = mae.reconstruction_error(images, pred)  # [B, L]
     weights = None if decision.weights is None else full_precision(decision.weights)
     loss = weighting.loss(error, decision.mask, weights)
-    return Reconstruction(loss=loss, decision=decision, pred=pred, error=error)
+    return Reconstruction(loss=loss, decision=decision, pred=pred, error=error, batch=seen)
 
 
 @dataclass
@@ -113,6 +138,7 @@ class _PretrainPair:
     images: Tensor
     decision: MaskDecision
     weights: Tensor | None  # [B, L] with graph into T, or None when they follow E (reference)
+    priors: PixelPriors  # name → [B, H, W], the images' priors
 
 
 @dataclass
@@ -122,8 +148,9 @@ class MLOObjectives:
     ``counts`` tallies forward evaluations by ``"<level>/<purpose>"`` so the cost per MLO
     iteration can be reported (``purpose`` is ``step`` or ``hypergradient``).
     ``class_weights`` (``[classes]`` or None) make the level-2 and level-3 cross-entropies
-    class-balanced. ``last_pretrain`` holds the latest pretrain step's reconstruction (detached) and
-    ``last_regularizer`` the policy's latest level-3 penalty (folded into the mask loss).
+    class-balanced. ``last_pretrain`` holds the latest pretrain step's reconstruction (detached),
+    ``last_policy_pretrain`` the policy's latest pretrain-level loss (folded into the pretrain
+    loss) and ``last_regularizer`` its latest level-3 penalty (folded into the mask loss).
     """
 
     mae: MaskedAutoencoderViT
@@ -135,6 +162,7 @@ class MLOObjectives:
     class_weights: Tensor | None = None
     counts: Counter = field(default_factory=Counter)
     last_pretrain: Reconstruction | None = None
+    last_policy_pretrain: Tensor | None = None
     last_regularizer: Tensor | None = None
     _step_features: _StepFeatures | None = field(default=None, repr=False)
 
@@ -145,24 +173,37 @@ class MLOObjectives:
 
     # --- level 1 ---------------------------------------------------------------------------
     def pretrain_loss(self, batch: Batch, purpose: str = "step") -> Tensor:
+        """Level 1: the weighted reconstruction loss, plus, in the level's own step, the policy's
+        :meth:`~maskkit.policy.MaskPolicy.pretrain_loss` (the only place it is added)."""
         self.counts[f"pretrain/{purpose}"] += 1
         with self._precision(purpose):
-            result = masked_reconstruction(self.mae, self.policy, batch[0], self.mask_ratio, self.weighting)
+            result = masked_reconstruction(
+                self.mae, self.policy, batch.images, self.mask_ratio, self.weighting, batch.priors
+            )
+            loss = result.loss
+            if purpose == "step" and type(self.policy).pretrain_loss is not MaskPolicy.pretrain_loss:
+                term = checked_pretrain_loss(
+                    self.policy, result.decision, result.batch, result.error.detach().float()
+                )
+                if term is not None:
+                    term = full_precision(term).reshape(())
+                    self.last_policy_pretrain = term.detach()
+                    loss = loss + term
         if purpose == "step":
             self.last_pretrain = result.detached()
-        return result.loss
+        return loss
 
     def pretrain_pair(self, batch: Batch) -> _PretrainPair:
         """What both sides of a ±εv pair on E share: one mask decision (a decision flipping
         between the sides would be a jump, not a derivative) and, unless the weights follow E,
         the weights with their graph into T."""
-        images = batch[0]
+        images = batch.images
         with torch.no_grad():
             tokens = self.mae.embed(images)
-        mask_batch = MaskBatch(images=images, tokens=tokens, mask_ratio=self.mask_ratio)
-        decision = checked_decision(self.policy, mask_batch)
+        seen = mask_batch(self.mae, images, tokens, self.mask_ratio, batch.priors)
+        decision = checked_decision(self.policy, seen)
         weights = None if self.weighting.policy_reads_encoder else decision.weights
-        return _PretrainPair(images, decision, weights)
+        return _PretrainPair(images, decision, weights, batch.priors)
 
     def pretrain_loss_at(self, pair: _PretrainPair, params: dict[str, Tensor]) -> Tensor:
         """The pretrain loss at MAE weights ``params`` (detached) under the pair's decision: the
@@ -174,9 +215,9 @@ class MLOObjectives:
         error = self.mae.reconstruction_error(pair.images, pred)
         weights = pair.weights
         if self.weighting.policy_reads_encoder:
-            mask_batch = MaskBatch(images=pair.images, tokens=tokens, mask_ratio=self.mask_ratio)
+            seen = mask_batch(self.mae, pair.images, tokens, self.mask_ratio, pair.priors)
             with plugin_code(self.policy, "forward"):
-                weights = self.policy(mask_batch).weights
+                weights = self.policy(seen).weights
         return self.weighting.loss(error, decision.mask, weights)
 
     # --- levels 2 and 3 ----------------------------------------------------------------------
@@ -194,14 +235,24 @@ class MLOObjectives:
                 logits = self.head(features)
             else:
                 logits = functional_call(self.head, head_params, (features,))
-            return F.cross_entropy(full_precision(logits), labels, weight=self.class_weights)
+            return self._cross_entropy(full_precision(logits), labels)
+
+    def _cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of ``logits [B, classes]``, a mean over the batch. Class-weighted, it is
+        Σ w_y·ℓ / Σ w_y; with several processes the denominator is the global batch's (its mean
+        per process), so the processes' losses still average to the global batch's loss."""
+        if self.class_weights is None or world_size() == 1:
+            return F.cross_entropy(logits, labels, weight=self.class_weights)
+        weight_per_process = mean_of(float(self.class_weights[labels].sum()))
+        weighted_sum = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        return weighted_sum / weight_per_process
 
     def finetune_loss(self, batch: Batch) -> Tensor:
         """Level 2's own step. Its features keep their graph into E: the mask level's
         hypergradient, which follows before E changes, differentiates through the same
         features (:meth:`finetune_pair`) instead of running the encoder again."""
         self.counts["finetune/step"] += 1
-        images, labels = batch
+        images, labels = batch.images, batch.labels
         features = self.features(images)
         self._step_features = _StepFeatures(batch, self.counts["pretrain/step"], features)
         return self.head_loss(features, labels)
@@ -211,9 +262,9 @@ class MLOObjectives:
         (which perturbs C only): the step's own when E has not moved since, else computed."""
         kept, self._step_features = self._step_features, None
         if kept is not None and kept.batch is batch and kept.pretrain_steps == self.counts["pretrain/step"]:
-            return kept.features, batch[1]
+            return kept.features, batch.labels
         self.counts["finetune/hypergradient"] += 1
-        return self.features(batch[0]), batch[1]
+        return self.features(batch.images), batch.labels
 
     def finetune_loss_at(self, pair: tuple[Tensor, Tensor], params: dict[str, Tensor]) -> Tensor:
         features, labels = pair
@@ -228,16 +279,16 @@ class MLOObjectives:
         """Level 3: validation cross-entropy of C(E(T)), plus the policy's regulariser if any
         (logged on its own as ``loss/mask_regularizer``; ``loss/mask`` is the sum)."""
         self.counts["mask/step"] += 1
-        images, labels = batch
+        images, labels = batch.images, batch.labels
         loss = self.head_loss(self.features(images), labels)
         if type(self.policy).regularizer is not MaskPolicy.regularizer:
             with self.autocast():
                 # The penalty is a term in T alone: its gradient must not leak into E's seed.
                 with torch.no_grad():
                     tokens = self.mae.embed(images)
-                mask_batch = MaskBatch(images=images, tokens=tokens, mask_ratio=self.mask_ratio)
-                decision = checked_decision(self.policy, mask_batch)
-                penalty = checked_regularizer(self.policy, decision, mask_batch)
+                seen = mask_batch(self.mae, images, tokens, self.mask_ratio, batch.priors)
+                decision = checked_decision(self.policy, seen)
+                penalty = checked_regularizer(self.policy, decision, seen)
             if penalty is not None:
                 penalty = full_precision(penalty).reshape(())
                 self.last_regularizer = penalty.detach()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -11,18 +12,37 @@ from torch import nn
 from maskkit.config import OptimizerConfig
 
 
-def adamw(module: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW with weight decay on weights only (none on biases, norms, tokens, position
-    embeddings), as the reference does through timm's ``param_groups_weight_decay``."""
-    groups = param_groups_weight_decay(module, weight_decay=weight_decay)
-    groups = [group for group in groups if group["params"]]
+def parameter_groups(
+    module: nn.Module,
+    weight_decay: float,
+    only: Iterable[nn.Parameter] | None = None,
+    exclude: Iterable[nn.Parameter] = (),
+) -> list[dict]:
+    """timm's ``param_groups_weight_decay`` groups of ``module`` (decay on weights, none on
+    biases and norms, as the reference), restricted to the parameters in ``only`` (all when
+    None) and not in ``exclude``; empty groups are dropped."""
+    wanted = None if only is None else {id(p) for p in only}
+    unwanted = {id(p) for p in exclude}
+    groups = []
+    for group in param_groups_weight_decay(module, weight_decay=weight_decay):
+        params = [p for p in group["params"] if (wanted is None or id(p) in wanted) and id(p) not in unwanted]
+        if params:
+            groups.append({**group, "params": params})
+    return groups
+
+
+def adamw(
+    parameters: nn.Module | list[dict], lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
+    """AdamW over a module's :func:`parameter_groups`, or over groups built by it."""
+    groups = parameter_groups(parameters, weight_decay) if isinstance(parameters, nn.Module) else parameters
     if not groups:  # a policy with no parameters still gets a (no-op) optimiser
         groups = [{"params": [nn.Parameter(torch.zeros(0))], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def adamw_from_config(module: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    return adamw(module, config.lr, config.weight_decay, config.betas)
+def adamw_from_config(parameters: nn.Module | list[dict], config: OptimizerConfig) -> torch.optim.AdamW:
+    return adamw(parameters, config.lr, config.weight_decay, config.betas)
 
 
 def cosine_schedule(

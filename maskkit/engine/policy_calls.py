@@ -1,8 +1,10 @@
 """The engine's calls into a masking policy: plugin code that raises ends in one line naming it.
 
-:mod:`maskkit.engine.objectives` is the one module that calls a policy, and it does so only
-inside :func:`plugin_code` (or through :func:`checked_decision`, which also checks the decision).
-An exception raised there (a shape error in ``forward``, a ``KeyError`` in ``regularizer``, ...)
+The engine runs a policy's own code only inside :func:`plugin_code`: ``forward`` through
+:func:`checked_decision` (which also checks the decision), the hooks through
+:func:`checked_regularizer`, :func:`checked_pretrain_loss`, :func:`checked_set_progress` and
+:func:`checked_statistics`. An exception raised there (a shape error in ``forward``, a
+``KeyError`` in ``regularizer``, ...)
 becomes a :class:`PolicyRaisedError`: the CLI prints it as one ``error:`` line with the policy,
 its distribution and the plugin's line that raised, and exits with code 2. ``MASKKIT_DEBUG=1``
 makes the CLI print the original traceback too.
@@ -96,15 +98,59 @@ def checked_decision(policy: MaskPolicy, batch: MaskBatch) -> MaskDecision:
     return decision
 
 
+def _scalar_or_none(policy: MaskPolicy, method: str, value: object) -> Tensor | None:
+    """``value`` if it is a one-element tensor or None; else a one-line :class:`PluginError`."""
+    if value is not None and not (isinstance(value, Tensor) and value.numel() == 1):
+        shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise PluginError(
+            f"mask policy '{policy.name}' ({distribution_of(policy)}) returned a {method} of "
+            f"{shape}; return a scalar tensor (reduce it, e.g. with .mean()) or None"
+        )
+    return value
+
+
 def checked_regularizer(policy: MaskPolicy, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
     """``policy.regularizer(decision, batch)``, guarded by :func:`plugin_code`; it must be a scalar
     tensor (the level-3 penalty) or None."""
     with plugin_code(policy, "regularizer"):
         penalty = policy.regularizer(decision, batch)
-    if penalty is not None and not (isinstance(penalty, Tensor) and penalty.numel() == 1):
-        shape = list(penalty.shape) if isinstance(penalty, Tensor) else type(penalty).__name__
+    return _scalar_or_none(policy, "regularizer", penalty)
+
+
+def checked_pretrain_loss(
+    policy: MaskPolicy, decision: MaskDecision, batch: MaskBatch, error: Tensor
+) -> Tensor | None:
+    """``policy.pretrain_loss(decision, batch, error)`` (``error``: ``[B, L]``), guarded by
+    :func:`plugin_code`; it must be a scalar tensor (the policy's pretrain-level term) or None."""
+    with plugin_code(policy, "pretrain_loss"):
+        term = policy.pretrain_loss(decision, batch, error)
+    return _scalar_or_none(policy, "pretrain_loss", term)
+
+
+def checked_set_progress(policy: MaskPolicy, step: int, total_steps: int) -> None:
+    """``policy.set_progress(step, total_steps)``, guarded by :func:`plugin_code`."""
+    with plugin_code(policy, "set_progress"):
+        policy.set_progress(step, total_steps)
+
+
+def checked_statistics(policy: MaskPolicy) -> dict[str, float]:
+    """``policy.statistics()``, guarded by :func:`plugin_code`: a dict of names to numbers
+    (anything ``float()`` takes, a one-element tensor included), returned as floats."""
+    with plugin_code(policy, "statistics"):
+        statistics = policy.statistics()
+    if not isinstance(statistics, dict):
         raise PluginError(
-            f"mask policy '{policy.name}' ({distribution_of(policy)}) returned a regularizer of "
-            f"{shape}; return a scalar tensor (reduce it, e.g. with .mean()) or None"
+            f"mask policy '{policy.name}' ({distribution_of(policy)}) returned statistics of type "
+            f"{type(statistics).__name__}; return a dict of names to numbers"
         )
-    return penalty
+    values = {}
+    for key, value in statistics.items():
+        try:
+            values[str(key)] = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            shape = f" of shape {list(value.shape)}" if isinstance(value, Tensor) else ""
+            raise PluginError(
+                f"mask policy '{policy.name}' ({distribution_of(policy)}) returned statistics['{key}'] "
+                f"of type {type(value).__name__}{shape}; each statistic must be one number"
+            ) from None
+    return values

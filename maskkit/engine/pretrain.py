@@ -4,6 +4,10 @@ The levels (pretrain, finetune, mask) are described in betty-free terms
 (:class:`~maskkit.engine.betty_glue.LevelSpec`) and stepped by
 :class:`~maskkit.engine.betty_glue.MultiLevelOptimizer`. A policy with ``learnable = False``
 runs the pretrain level alone.
+
+With several processes every process runs this loop in step; each level's batches are the
+process's slices of the global batches, and the averaging across processes happens in the
+betty glue. Logged values are those of the global batch; rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -14,16 +18,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from maskkit.checkpoint import Checkpoint, save_checkpoint
+from maskkit.checkpoint import Checkpoint
 from maskkit.data import DeviceBatches
+from maskkit.distributed import gather_rows, mean_of, rank, restore_rng_state, world_size
 from maskkit.engine.betty_glue import FunctionalLoss, LevelSpec, MultiLevelOptimizer
 from maskkit.engine.context import RunContext
-from maskkit.engine.diagnostics import mask_statistics, split_mask_statistics
+from maskkit.engine.diagnostics import global_batch, mask_statistics, split_mask_statistics
 from maskkit.engine.objectives import MLOObjectives
-from maskkit.engine.optim import adamw_from_config, cosine_schedule
+from maskkit.engine.optim import adamw_from_config, cosine_schedule, parameter_groups
+from maskkit.engine.policy_calls import (
+    checked_set_progress,
+    checked_statistics,
+    distribution_of,
+    plugin_code,
+)
+from maskkit.errors import PluginError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.policy import MaskPolicy
-from maskkit.runtime import rng_state, set_rng_state
+from maskkit.runtime import rng_state
 from maskkit.weighting import loss_weighting
 
 
@@ -33,6 +45,20 @@ def pretrain_steps(context: RunContext) -> int:
     if config.steps is not None:
         return config.steps
     return max(1, math.ceil(config.epochs * len(context.splits.pretrain) / config.pretrain.batch_size))
+
+
+def policy_pretrain_parameters(policy: MaskPolicy) -> list[torch.nn.Parameter]:
+    """The policy's parameters that the pretrain level trains (:meth:`MaskPolicy.pretrain_parameters`),
+    checked to be its own; the rest of a learnable policy's parameters are level 3's."""
+    with plugin_code(policy, "pretrain_parameters"):
+        chosen = list(policy.pretrain_parameters())
+    own = {id(p) for p in policy.parameters()}
+    if any(not isinstance(p, torch.nn.Parameter) or id(p) not in own for p in chosen):
+        raise PluginError(
+            f"mask policy '{policy.name}' ({distribution_of(policy)}): pretrain_parameters() must "
+            "yield parameters of the policy itself (nn.Parameter attributes of the policy module)"
+        )
+    return chosen
 
 
 @dataclass
@@ -59,6 +85,7 @@ class Pretrainer:
         config, device = self.context.config, self.context.device
         self.total_steps = pretrain_steps(self.context)
         self.weighting = loss_weighting(config.pretrain.weighting)
+        self.policy_pretrain_parameters = policy_pretrain_parameters(self.policy)
         self.objectives = MLOObjectives(
             mae=self.mae,
             policy=self.policy,
@@ -97,6 +124,8 @@ class Pretrainer:
         return weights.to(self.context.device)
 
     def _batches(self, split, batch_size: int, stream: int) -> DeviceBatches:
+        """Batches of ``split`` with the priors the policy reads, cropped and flipped with
+        their images (every level's policy call, the hypergradient's included, sees them)."""
         config = self.context.config
         return DeviceBatches(
             split,
@@ -106,6 +135,9 @@ class Pretrainer:
             self.context.std,
             augment=config.pretrain.augment,
             seed=config.seed * 1000 + stream,
+            priors=sorted(self.policy.requires),
+            rank=rank(),
+            world_size=world_size(),
         )
 
     def level_steps(self, level: str) -> int:
@@ -119,7 +151,10 @@ class Pretrainer:
 
     def _pretrain_spec(self) -> LevelSpec:
         level = self.context.config.pretrain.pretrain
-        optimizer = adamw_from_config(self.mae, level)
+        policy_part = self.policy_pretrain_parameters
+        groups = parameter_groups(self.mae, level.weight_decay)
+        groups += parameter_groups(self.policy, level.weight_decay, only=policy_part)
+        optimizer = adamw_from_config(groups, level)
         return LevelSpec(
             name="pretrain",
             module=self.mae,
@@ -130,6 +165,7 @@ class Pretrainer:
             hypergradient_loss=lambda batch: self.objectives.pretrain_loss(batch, "hypergradient"),
             functional=FunctionalLoss(self.objectives.pretrain_pair, self.objectives.pretrain_loss_at),
             unroll_steps=level.unroll_steps,
+            extra_parameters=policy_part,
             **self._hypergradient_settings(),
         )
 
@@ -152,7 +188,10 @@ class Pretrainer:
 
     def _mask_spec(self) -> LevelSpec:
         level = self.context.config.pretrain.mask
-        optimizer = adamw_from_config(self.policy, level)
+        pretrain_part = self.policy_pretrain_parameters
+        optimizer = adamw_from_config(
+            parameter_groups(self.policy, level.weight_decay, exclude=pretrain_part), level
+        )
         return LevelSpec(
             name="mask",
             module=self.policy,
@@ -161,6 +200,7 @@ class Pretrainer:
             next_batch=self.batches["mask"].next,
             loss=self.objectives.mask_loss,
             unroll_steps=level.unroll_steps,
+            excluded_parameters=pretrain_part,
             **self._hypergradient_settings(),
         )
 
@@ -203,7 +243,7 @@ class Pretrainer:
         for name, batches in self.batches.items():
             batches.load_state_dict(state["batches"][name])
         self.mlo.load_state_dict(state["mlo"])
-        set_rng_state(state["rng"])
+        restore_rng_state(state, self.context.config.seed)
         self.best_accuracy = state["best_accuracy"]
         self.objectives.counts.clear()
         self.objectives.counts.update(state["evaluation_counts"])
@@ -217,11 +257,15 @@ class Pretrainer:
         self.load_training_state(checkpoint.state)
 
     def save(self, step: int, pointers: tuple[str, ...]) -> None:
-        save_checkpoint(
-            self.context.run.checkpoints, step, self.modules(), self.training_state(step), pointers
-        )
+        self.context.save_checkpoint(step, self.modules(), self.training_state(step), pointers)
 
     # --- the loop ----------------------------------------------------------------------------
+    def step(self, step: int) -> None:
+        """Pretrain step ``step`` (1-based) and whatever upper-level steps follow it; the policy
+        learns first where training stands (:meth:`MaskPolicy.set_progress`)."""
+        checked_set_progress(self.policy, step, self.total_steps)
+        self.mlo.step(step)
+
     def evaluate(self) -> dict:
         assert self.head is not None
         context = self.context
@@ -241,7 +285,7 @@ class Pretrainer:
         with context.progress() as progress:
             task = progress.add_task(title, total=self.total_steps, completed=self.start_step, status="")
             for step in range(self.start_step + 1, self.total_steps + 1):
-                self.mlo.step(step)
+                self.step(step)
                 window_steps += 1
                 progress.advance(task)
                 if step % log_every == 0 or step == self.total_steps:
@@ -275,6 +319,7 @@ class Pretrainer:
         parts = [f"{name} {value:.4f}" for name, value in losses.items()]
         if "mask/prob_masked" in record:
             parts.append(f"p(masked) {record['mask/prob_masked']:.2f}")
+        parts += [f"{key[7:]} {value:.3f}" for key, value in record.items() if key.startswith("policy/")]
         parts.append(f"{rate:.0f} img/s")
         if self.evaluations:
             parts.append(f"val acc {self.evaluations[-1]['accuracy']:.3f}")
@@ -293,7 +338,9 @@ class Pretrainer:
             context.mean,
             context.std,
             context.autocast,
+            priors=sorted(self.policy.requires),
         )
+        stats.update({f"policy/{key}": value for key, value in checked_statistics(self.policy).items()})
         shown = ", ".join(f"{key} {value:.3f}" for key, value in stats.items())
         context.console.print(f"mask statistics on the val split at the end of pretraining: {shown}")
         return stats
@@ -330,10 +377,16 @@ class Pretrainer:
                 record[f"loss/{name}"] = loss
         if self.objectives.last_pretrain is not None:
             latest = self.objectives.last_pretrain
-            for key, value in mask_statistics(latest.decision, latest.error).items():
+            decision, error = global_batch(latest.decision, latest.error)
+            priors = {name: gather_rows(values) for name, values in latest.batch.priors.items()}
+            for key, value in mask_statistics(decision, error, priors).items():
                 record[key] = float(value)
+        if self.objectives.last_policy_pretrain is not None:
+            record["loss/policy_pretrain"] = mean_of(float(self.objectives.last_policy_pretrain))
+        for key, value in checked_statistics(self.policy).items():
+            record[f"policy/{key}"] = value
         if self.objectives.last_regularizer is not None:
-            record["loss/mask_regularizer"] = float(self.objectives.last_regularizer)
+            record["loss/mask_regularizer"] = mean_of(float(self.objectives.last_regularizer))
         for path, norm in self.mlo.hypergradient_norms().items():
             record[f"hypergradient/{path}_norm"] = norm
         for name, level in self.mlo.levels.items():

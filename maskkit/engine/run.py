@@ -1,4 +1,9 @@
-"""A whole run: resolve, pretrain, fine-tune, evaluate, and write the summary and plots."""
+"""A whole run: resolve, pretrain, fine-tune, evaluate, and write the summary and plots.
+
+Under torchrun every process runs :func:`train` (or :func:`resume`): it joins the process
+group, checks that the batches divide evenly, and builds the same models; rank 0 alone creates
+and writes the run dir, and the others follow it (``docs/distributed.md``).
+"""
 
 from __future__ import annotations
 
@@ -18,13 +23,26 @@ from maskkit.data import (
     load_dataset,
     make_splits,
 )
+from maskkit.distributed import (
+    DEFAULT_TIMEOUT_S,
+    broadcast_modules_,
+    check_batch_sizes,
+    is_main,
+    main_first,
+    on_main,
+    separate_random_streams,
+    start,
+    world_size,
+)
 from maskkit.engine.context import RunContext
 from maskkit.engine.finetune import Finetuner, FinetuneResult
 from maskkit.engine.pretrain import Pretrainer, PretrainResult
 from maskkit.errors import ConfigError, TrainingDivergedError
+from maskkit.launch import note_run_dir
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.plugins import create_policy, policy_info
 from maskkit.policy import MaskPolicy, PolicyContext
+from maskkit.priors.attach import PriorSpec, attach_priors, check_prior_choice
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
 from maskkit.rundir import RunDir, atomic_write_text
 from maskkit.runtime import device_description, seed_everything, select_device, tune_cpu_runtime
@@ -66,22 +84,60 @@ def stage2_head(config: RunConfig, num_classes: int, device: torch.device) -> Cl
     return head.to(device)
 
 
-def prepare(config: RunConfig, console: Console) -> tuple[torch.device, LabelledDataset, MLOSplits]:
-    """Everything that can fail on user input, done before a run dir is created."""
-    policy_info(config.policy)
+def prepare(
+    config: RunConfig,
+    console: Console,
+    with_priors: bool = True,
+    device: torch.device | None = None,
+) -> tuple[torch.device, LabelledDataset, MLOSplits]:
+    """Everything that can fail on user input, done before a run dir is created: the policy, its
+    prior provider, TensorBoard when asked for, the batch sizes, the device, the data and the
+    priors (built here when the user asked; ``with_priors=False`` skips them for work that never
+    calls the policy, like evaluation). ``device``: the process's device when the caller already
+    chose it, as a multi-process run does."""
+    info = policy_info(config.policy)
+    requires = info.requires if with_priors else frozenset()
+    if with_priors:
+        check_prior_choice(config, requires)
     if config.tensorboard:
         require_tensorboard()
-    device = select_device(config.device)
+    device = select_device(config.device) if device is None else device
+    check_batch_sizes(batch_sizes(config, info.learnable))
     if device.type == "cpu":
         tune_cpu_runtime()
     data_dir = config.data.data_dir or default_data_dir()
-    dataset = load_dataset(
-        config.data.dataset, data_dir, image_size=config.model.img_size, download=config.data.download
-    )
+
+    def load() -> LabelledDataset:
+        return load_dataset(
+            config.data.dataset, data_dir, image_size=config.model.img_size, download=config.data.download
+        )
+
+    # A download goes into one folder: rank 0 fetches it before the other processes read it.
+    dataset = main_first(load) if config.data.download else load()
     if config.data.subset is not None:
         dataset = limit_dataset(dataset, config.data.subset)
+    if requires:
+        spec = PriorSpec.from_config(config)
+        # Building priors writes the store: rank 0 builds them before the others read them.
+        dataset = main_first(lambda: attach_priors(dataset, spec, console))
     splits = make_splits(dataset, config.data.train_portion, config.data.mask_source, config.data.val_portion)
     return device, dataset, splits
+
+
+def batch_sizes(config: RunConfig, learnable: bool) -> dict[str, int]:
+    """The global batch sizes a run uses, by config key."""
+    sizes = {"pretrain.pretrain.batch_size": config.pretrain.pretrain.batch_size}
+    if learnable:
+        sizes["pretrain.finetune.batch_size"] = config.pretrain.finetune.batch_size
+        sizes["pretrain.mask.batch_size"] = config.pretrain.mask.batch_size
+    if config.finetune.epochs > 0:
+        sizes["finetune.batch_size"] = config.finetune.batch_size
+    return sizes
+
+
+def _process_console(console: Console) -> Console:
+    """Rank 0 prints; the other processes of a multi-process run stay quiet."""
+    return console if is_main() else Console(quiet=True)
 
 
 def limit_dataset(dataset: LabelledDataset, count: int) -> LabelledDataset:
@@ -96,41 +152,77 @@ def limit_dataset(dataset: LabelledDataset, count: int) -> LabelledDataset:
 
 
 def train(
-    config: RunConfig, run_dir: Path | None, console: Console, runs_root: Path = Path("runs")
+    config: RunConfig,
+    run_dir: Path | None,
+    console: Console,
+    runs_root: Path = Path("runs"),
+    collective_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> RunDir:
-    """A new run: stage 1 (pretrain), stage 2 (fine-tune) and the test evaluation."""
-    device, dataset, splits = prepare(config, console)
+    """A new run: stage 1 (pretrain), stage 2 (fine-tune) and the test evaluation.
+
+    Under torchrun every process calls it; ``collective_timeout_s`` bounds each collective.
+    """
+    device = start(config.device, collective_timeout_s)
+    console = _process_console(console)
+    device, dataset, splits = prepare(config, console, device=device)
     models = build_models(config, dataset.num_classes, device)
-    run = RunDir.create(run_dir, config.policy, config.data.dataset, root=runs_root)
+    separate_random_streams(config.seed)
+
+    def create() -> tuple[Path, bool]:
+        run = RunDir.create(run_dir, config.policy, config.data.dataset, root=runs_root)
+        try:
+            run.config_path.write_text(config_to_yaml(config))
+        except Exception:
+            run.discard_unstarted()
+            raise
+        return run.path, run.created_here
+
+    path, created_here = on_main(create)
+    run = RunDir(path, writer=is_main())
+    run.created_here = created_here
+    note_run_dir(run.path)
     try:
-        run.config_path.write_text(config_to_yaml(config))
         context = RunContext(config, device, dataset, splits, run, console)
         _execute(context, *models, resume=None)
     except Exception as error:
         # A run that fails before its first checkpoint (a policy that raises in its first forward,
         # say) leaves nothing behind, so the same --run-dir works again. A diverged run keeps its
-        # metrics to look at; Ctrl-C (not an Exception) keeps the dir for --resume.
+        # metrics to look at; Ctrl-C (not an Exception) keeps the dir for --resume. Rank 0 alone
+        # removes it (the other processes' view does not write).
         if not isinstance(error, TrainingDivergedError):
             run.discard_unstarted()
         raise
     return run
 
 
-def resume(run_dir: Path, overrides: list[dict], console: Console) -> RunDir:
+def resume(
+    run_dir: Path,
+    overrides: list[dict],
+    console: Console,
+    collective_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> RunDir:
     """Continue an interrupted run from its last checkpoint, with its saved config.
 
-    ``overrides`` may change only ``precision`` and ``device``; anything else would make the
-    resumed run a different experiment, and is refused.
+    ``overrides`` may change only what :data:`ADJUSTABLE_ON_RESUME` names (how the run computes
+    or reports); anything else would make the resumed run a different experiment, and is refused.
+    The number of processes may differ from the interrupted run's: the saved data order is that
+    of the global batches.
+    Under torchrun every process reads the run dir (on a filesystem all nodes share).
     """
     run = RunDir.open(run_dir)
     saved = load_run_config(run.config_path)
     config = _resumed_config(saved, overrides, run)
+    device = start(config.device, collective_timeout_s)
+    console = _process_console(console)
+    run = RunDir(run.path, writer=is_main())
+    note_run_dir(run.path)
     if run.summary_path.exists():
         console.print(f"{run.path} is already finished (summary.json exists); nothing to resume")
         return run
-    device, dataset, splits = prepare(config, console)
+    device, dataset, splits = prepare(config, console, device=device)
     models = build_models(config, dataset.num_classes, device)
-    if config != saved:  # an allowed change, e.g. --set precision=fp32
+    separate_random_streams(config.seed)
+    if config != saved and run.writer:  # an allowed change, e.g. --set precision=fp32
         atomic_write_text(run.config_path, config_to_yaml(config))
     checkpoint = None
     if checkpoint_path(run.checkpoints, "last") is not None:
@@ -140,8 +232,9 @@ def resume(run_dir: Path, overrides: list[dict], console: Console) -> RunDir:
     return run
 
 
-# What a resumed run may change: how it computes or reports, not what it computes.
-ADJUSTABLE_ON_RESUME = ("precision", "device", "tensorboard")
+# What a resumed run may change: how it computes or reports, not what it computes (the priors
+# store's key pins the priors themselves, wherever the store is).
+ADJUSTABLE_ON_RESUME = ("precision", "device", "tensorboard", "data.build_priors", "data.priors_dir")
 
 
 def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> RunConfig:
@@ -178,13 +271,16 @@ def _execute(
     resume: Checkpoint | None,
 ) -> None:
     config, run, console = context.config, context.run, context.console
+    broadcast_modules_([mae, policy, head])  # every process starts from rank 0's weights
     stage = resume.state.get("stage") if resume is not None else None
     verb = "resuming" if resume is not None else "starting"
     console.print(
         f"[bold]maskkit[/] {verb} run [cyan]{run.path}[/]: policy [green]{config.policy}[/] "
-        f"({'learnable, three-level MLO' if policy.learnable else 'fixed, pretrain level only'}), "
+        f"({_how_trained(policy)}), "
         f"{config.data.dataset} ({len(context.splits.pretrain)} train / {len(context.splits.test)} test), "
-        f"device {context.device}, preset {config.preset}"
+        f"device {context.device}"
+        + (f" (rank 0 of {world_size()} processes)" if world_size() > 1 else "")
+        + f", preset {config.preset}"
         + (f", from its {stage} checkpoint at step {resume.state['step']}" if resume is not None else "")
     )
     run.truncate_metrics(_resume_position(resume))
@@ -206,13 +302,22 @@ def _execute(
             finetuner.resume_from(resume)
         finetuned = finetuner.run()
     except KeyboardInterrupt:
-        console.print(f"interrupted: continue with [bold]maskkit train --resume {run.path}[/]")
+        processes = f" --nproc {world_size()}" if world_size() > 1 else ""
+        console.print(f"interrupted: continue with [bold]maskkit train --resume {run.path}{processes}[/]")
         raise
     except TrainingDivergedError as error:
         raise TrainingDivergedError(f"{error} Run dir: {run.path}.") from None
     finally:
         run.close_mirrors()
     _finish(context, classifier, pretrain_summary, finetuned)
+
+
+def _how_trained(policy: MaskPolicy) -> str:
+    if policy.learnable:
+        return "learnable, three-level MLO"
+    if any(True for _ in policy.pretrain_parameters()):
+        return "pretrain level only, its own parameters trained with the MAE"
+    return "fixed, pretrain level only"
 
 
 def _resume_position(resume: Checkpoint | None) -> tuple[str, int] | None:
@@ -261,8 +366,11 @@ def _finish(
             "device_name": device_description(device),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "processes": world_size(),
         },
     }
+    if not run.writer:  # rank 0 writes the summary and the plots
+        return
     run.write_json("summary.json", summary)
     write_plots(run, test_metrics)
     context.console.print(f"summary: [cyan]{run.summary_path}[/]  plots: [cyan]{run.plots}[/]")

@@ -37,6 +37,8 @@ SHARED_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mask probability: all, masked, kept patches", ("mask/prob_mean", "mask/prob_masked", "mask/prob_kept")),
     ("pretrain loss (weighted) and masked-patch error", ("loss/pretrain", "pretrain/masked_error")),
     ("val accuracy and the majority-class rate", ("val/accuracy", "val/majority_rate")),
+    ("masked share of the patches, by prior", ("guidance/",)),
+    ("learned policy parameters", ("policy/",)),
 )
 LOG_SCALE_PANELS = frozenset({"hypergradient norm (log scale)"})
 
@@ -286,33 +288,60 @@ def _as_images(array: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
+def _check_maps(maps: np.ndarray, name: str, num_images: int, height: int, width: int) -> np.ndarray:
+    """Per-image maps ``[N, h, w]`` (a patch grid or per pixel) as floats clipped to [0, 1]."""
+    values = np.asarray(maps, dtype=np.float64)
+    if values.ndim == 2 and num_images == 1:
+        values = values[None]
+    if values.ndim != 3 or values.shape[0] != num_images:
+        raise ValueError(
+            f"{name} must be [N, h, w] with N = {num_images} (one per image), got shape {np.shape(maps)}"
+        )
+    if min(values.shape[1:]) == 0 or values.shape[1] > height or values.shape[2] > width:
+        raise ValueError(
+            f"{name} grid {values.shape[1]}x{values.shape[2]} does not fit the "
+            f"{height}x{width} images; pass per-patch values on the patch grid"
+        )
+    return np.clip(np.nan_to_num(values), 0.0, 1.0)
+
+
 def plot_mask_grid(
     originals: np.ndarray,
     masked: np.ndarray,
     reconstructions: np.ndarray,
     path: Path,
-    heatmaps: np.ndarray | None = None,
+    heatmaps: np.ndarray | Mapping[str, np.ndarray] | None = None,
     titles: tuple[str, ...] | None = None,
     row_labels: list[str] | None = None,
     *,
+    priors: np.ndarray | None = None,
+    prior_label: str = "prior",
     dpi: int = DEFAULT_DPI,
     cell_inches: float = 1.6,
 ) -> Path:
-    """Grid of original -> masked -> reconstruction (-> mask-probability overlay), one row each.
+    """Grid of original -> masked -> reconstruction (-> per-patch maps), one row per image.
 
-    As in the MAE and MLO-MAE papers' figures. Pixels are shown with nearest interpolation. The
-    heatmap, when given, is upsampled (nearest) from the patch grid to the image and drawn over
-    the original, with one colorbar labelled "mask probability" for the column.
+    As in the MAE and MLO-MAE papers' figures. Pixels are shown with nearest interpolation. Each
+    heatmap is upsampled (nearest) from the patch grid to the image and drawn over the original,
+    with one colorbar per column, labelled with the column's title. With ``priors`` the columns
+    are original -> prior -> heatmaps -> masked -> reconstruction: what the policy read, what it
+    made of it, the mask it drew and the result.
 
     Args:
         originals: ``[N, H, W, 3]`` floats in [0, 1] (clipped; ``[N, H, W, 1]`` also accepted).
         masked: ``[N, H, W, 3]``, the same shape as ``originals``.
         reconstructions: ``[N, H, W, 3]``, the same shape as ``originals``.
         path: where to write the PNG.
-        heatmaps: optional ``[N, h, w]`` per-patch values in [0, 1] (clipped) on the patch grid.
-        titles: column titles; default ``("original", "masked", "reconstruction",
-            "mask probability")``. Needs at least one per column.
+        heatmaps: optional per-patch values in [0, 1] (clipped) on the patch grid: one
+            ``[N, h, w]`` array (the "mask probability" column), or a mapping from column title
+            to such an array (one column each, e.g. ``{"mask probability": ..., "predicted
+            loss": ...}``).
+        titles: column titles, one per column; default ``("original", "masked",
+            "reconstruction")`` followed by the heatmaps' titles, or with priors ``("original",
+            prior_label, *heatmap titles, "masked", "reconstruction")``.
         row_labels: optional N labels (e.g. class names) written left of each row.
+        priors: optional ``[N, h, w]`` prior maps in [0, 1], per pixel or on the patch grid.
+        prior_label: the prior column's title and colorbar label.
         dpi: resolution of the PNG.
         cell_inches: size of one image cell.
 
@@ -334,56 +363,52 @@ def plot_mask_grid(
                 "[N, H, W, 3]"
             )
     num_images, height, width, _ = orig.shape
+    named = (
+        {}
+        if heatmaps is None
+        else dict(heatmaps)
+        if isinstance(heatmaps, Mapping)
+        else {MASK_GRID_TITLES[3]: heatmaps}
+    )
+    heat = {
+        title: _check_maps(values, f"heatmaps '{title}'", num_images, height, width)
+        for title, values in named.items()
+    }
+    prior = None if priors is None else _check_maps(priors, "priors", num_images, height, width)
 
-    heat: np.ndarray | None = None
-    if heatmaps is not None:
-        heat = np.asarray(heatmaps, dtype=np.float64)
-        if heat.ndim == 2 and num_images == 1:
-            heat = heat[None]
-        if heat.ndim != 3 or heat.shape[0] != num_images:
-            raise ValueError(
-                f"heatmaps must be [N, h, w] with N = {num_images} (one per image), "
-                f"got shape {np.shape(heatmaps)}"
-            )
-        if min(heat.shape[1:]) == 0 or heat.shape[1] > height or heat.shape[2] > width:
-            raise ValueError(
-                f"heatmaps grid {heat.shape[1]}x{heat.shape[2]} does not fit the "
-                f"{height}x{width} images; pass per-patch values on the patch grid"
-            )
-        heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
-
-    ncols = 4 if heat is not None else 3
-    col_titles = MASK_GRID_TITLES[:ncols] if titles is None else tuple(titles)
+    # Each column: (default title, images, overlay maps or None, colour map).
+    heat_columns = [(title, orig, values, "inferno") for title, values in heat.items()]
+    plain = [("masked", mask, None, ""), ("reconstruction", recon, None, "")]
+    columns: list[tuple[str, np.ndarray, np.ndarray | None, str]] = [("original", orig, None, "")]
+    if prior is None:
+        columns += plain + heat_columns
+    else:
+        columns += [(prior_label, orig, prior, "viridis"), *heat_columns, *plain]
+    ncols = len(columns)
+    col_titles = tuple(column[0] for column in columns) if titles is None else tuple(titles)
     if len(col_titles) < ncols:
         raise ValueError(f"titles needs {ncols} entries (one per column), got {len(col_titles)}")
     if row_labels is not None and len(row_labels) != num_images:
         raise ValueError(f"row_labels has {len(row_labels)} entries for {num_images} images")
 
+    overlays = sum(column[2] is not None for column in columns)
     label_room = 0.5 if row_labels is not None else 0.0
-    colorbar_room = 0.7 if heat is not None else 0.0
+    colorbar_room = 0.7 * overlays
     fig = Figure(
         figsize=(ncols * cell_inches + label_room + colorbar_room, num_images * cell_inches + 0.3),
         layout="constrained",
     )
     axes = fig.subplots(num_images, ncols, squeeze=False)
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # heatmap cells cover the pixel grid
-    overlay = None
+    drawn: dict[int, Any] = {}
     for i in range(num_images):
-        for j, img in enumerate((orig[i], mask[i], recon[i])):
-            axes[i, j].imshow(img, interpolation="nearest")
-        if heat is not None:
-            axes[i, 3].imshow(orig[i], interpolation="nearest")
-            overlay = axes[i, 3].imshow(
-                heat[i],
-                cmap="inferno",
-                vmin=0.0,
-                vmax=1.0,
-                alpha=0.6,
-                interpolation="nearest",
-                extent=extent,
-            )
-        for j in range(ncols):
+        for j, (_, images, maps, cmap) in enumerate(columns):
             ax = axes[i, j]
+            ax.imshow(images[i], interpolation="nearest")
+            if maps is not None:
+                drawn[j] = ax.imshow(
+                    maps[i], cmap=cmap, vmin=0.0, vmax=1.0, alpha=0.6, interpolation="nearest", extent=extent
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -392,8 +417,8 @@ def plot_mask_grid(
                 ax.set_title(col_titles[j], fontsize=9)
         if row_labels is not None:
             axes[i, 0].set_ylabel(_short(row_labels[i], 14), fontsize=8)
-    if overlay is not None:
-        fig.colorbar(overlay, ax=axes[:, 3].tolist(), label="mask probability", shrink=0.9)
+    for j, overlay in drawn.items():
+        fig.colorbar(overlay, ax=axes[:, j].tolist(), label=col_titles[j], shrink=0.9)
     return _save(fig, path, dpi)
 
 
