@@ -1,4 +1,5 @@
-"""Every YAML in examples/configs is a valid run config, and each built-in policy and dataset has one."""
+"""Every YAML in examples/configs is a valid run config, and each built-in policy and dataset has one;
+a guided policy's names a prior provider that gives the maps it reads."""
 
 from __future__ import annotations
 
@@ -56,3 +57,17 @@ def test_policy_options_in_the_examples_are_ones_the_policy_takes() -> None:
     for path in POLICY_CONFIGS:
         config = build_config("smoke", path)
         create_policy(config.policy, context, config.policy_options)  # raises on an unknown option
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_policy_that_reads_priors_gets_a_provider_that_gives_them(preset: str) -> None:
+    from maskkit.plugins import policy_info
+    from maskkit.priors.attach import check_prior_choice
+
+    guided = 0
+    for path in POLICY_CONFIGS:
+        config = build_config(preset, path)
+        requires = policy_info(config.policy).requires
+        check_prior_choice(config, requires)  # raises: no provider, a wrong one, or one for nothing
+        guided += bool(requires)
+    assert guided == 6  # semantic-soft, region-ratio, constraint, each with and without MLO
