@@ -77,6 +77,30 @@ def test_a_run_written_to_a_file_shows_plain_progress_lines(tmp_path: Path) -> N
     assert not any("━" in line for line in progress_lines)  # no bar drawn into a log file
 
 
+def test_plain_progress_takes_a_completed_count_and_prints_the_last_line() -> None:
+    out = io.StringIO()
+    clock = FakeClock()
+    with PlainProgress(Console(file=out), interval=30.0, clock=clock) as progress:
+        task = progress.add_task("otsu priors, train", total=50, status="")
+        clock.now = 2.0
+        progress.update(task, completed=50)  # e.g. the maps were already in the store
+    assert out.getvalue().splitlines() == ["otsu priors, train 50/50 (100%) elapsed 0:00:02 eta 0:00:00"]
+
+
+def test_a_priors_build_written_to_a_file_shows_plain_progress_lines(tmp_path: Path) -> None:
+    from maskkit.priors.attach import PriorSpec, attach_priors
+
+    out = io.StringIO()
+    dataset = synthetic_dataset()
+    spec = PriorSpec("center", dataset=dataset.name, image_size=8, store_dir=tmp_path / "store", build=True)
+    attached = attach_priors(dataset, spec, Console(file=out, width=80))
+    assert attached.train.priors["importance"].shape == (32, 8, 8)
+    lines = out.getvalue().splitlines()
+    for split, count in (("train", 32), ("val", 16), ("test", 16)):
+        assert f"center priors, {split} {count}/{count} (100%)" in "\n".join(lines), lines
+    assert not any("━" in line for line in lines)  # no bar drawn into a log file
+
+
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,9 +1,11 @@
-"""Progress of a long stage: a live bar on a terminal, plain lines every so often in a log file.
+"""Progress of a long stage (a training stage, a priors build): a live bar on a terminal, plain
+lines every so often in a log file.
 
 rich's bar redraws itself in place, which a log file (``maskkit train ... > run.log``, a batch
 job, CI) cannot show: it gets one truncated bar line at the end. :func:`progress_display` picks
 the bar on a terminal and :class:`PlainProgress` elsewhere. Both offer what the stages use:
-``add_task``, ``advance``, ``update(status=...)``, ``console`` and the ``with`` block.
+``add_task`` (with a ``status`` field), ``advance``, ``update(status=..., completed=...)``,
+``console`` and the ``with`` block.
 """
 
 from __future__ import annotations
@@ -94,9 +96,16 @@ class PlainProgress:
         self.tasks.append(_Task(description, total, completed, fields.get("status", ""), now, completed))
         return len(self.tasks) - 1
 
-    def update(self, task_id: int, *, status: str | None = None, **_: Any) -> None:
+    def update(
+        self, task_id: int, *, status: str | None = None, completed: int | None = None, **_: Any
+    ) -> None:
+        task = self.tasks[task_id]
         if status is not None:
-            self.tasks[task_id].status = status
+            task.status = status
+        if completed is not None:
+            task.completed = completed
+            if task.completed >= task.total and task.finished is None:
+                task.finished = self.clock()  # printed when the block ends
 
     def advance(self, task_id: int, advance: int = 1) -> None:
         task = self.tasks[task_id]
