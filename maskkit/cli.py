@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -32,18 +33,27 @@ app.add_typer(priors_app, name="priors")
 
 console = Console()
 error_console = Console(stderr=True)
+# Width for tables printed to a pipe: wide enough that no row ever wraps.
+UNWRAPPED_WIDTH = 10_000
 
 
 @app.command()
-def policies() -> None:
+def policies(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (policies and load failures) for scripts.")
+    ] = False,
+) -> None:
     """List installed masking policies: name, distribution, learnable, needs, description.
 
     learnable: "yes" (level 3 of the MLO loop trains it), "pretrain level" (its own loss trains
     it with the MAE, e.g. hpm's loss predictor) or "no" (fixed).
     """
-    from maskkit.plugins import get_registry
+    from maskkit.plugins import get_registry, registry_as_dict
 
     registry = get_registry()
+    if as_json:
+        typer.echo(json.dumps(registry_as_dict(registry), indent=2, ensure_ascii=False))
+        return
     table = Table(title="Installed masking policies")
     _name_column(table, registry.policies)
     for column in ("distribution", "learnable", "needs", "description"):
@@ -56,8 +66,14 @@ def policies() -> None:
             ", ".join(sorted(info.requires)) or "-",
             info.description,
         )
-    console.print(table)
+    _table_console().print(table)
     _print_failures(registry.failures)
+
+
+def _table_console() -> Console:
+    """The console for a table: in a pipe or a log file, rows stay whole instead of wrapping at
+    80 columns."""
+    return console if console.is_terminal else Console(width=UNWRAPPED_WIDTH)
 
 
 def _name_column(table: Table, names: dict) -> None:
@@ -93,7 +109,7 @@ def priors_list() -> None:
         table.add_row(
             info.name, info.distribution, ", ".join(sorted(info.provides)), options or "-", info.description
         )
-    console.print(table)
+    _table_console().print(table)
     console.print(f"priors store: {default_store_dir()} (--priors-dir or $MASKKIT_PRIORS_DIR to change)")
     _print_failures(registry.failures)
 
@@ -320,11 +336,15 @@ def main() -> None:
 
     Typer itself answers usage errors (exit 2) and Ctrl-C (exit 130). A process of a
     multi-process run (under torchrun) that fails for any reason also ends in one line, exit code
-    1 (2 for a user error), and records it for torchrun, which stops the other processes.
+    1 (2 for a user error), and records it for torchrun, which stops the other processes. With
+    ``MASKKIT_DEBUG=1`` the traceback of a user error is printed above its line (for plugin
+    authors).
     """
     try:
         app()
     except MaskkitError as error:
+        if os.environ.get("MASKKIT_DEBUG", "") not in ("", "0"):
+            traceback.print_exception(error)
         _fail(str(error), 2, every_process=False)
     except LaunchFailed as error:
         _print_error(str(error))

@@ -167,6 +167,10 @@ class RunConfig(StrictModel):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    tensorboard: bool = Field(
+        False,
+        description="also write TensorBoard events to RUN_DIR/tensorboard (needs maskkit[tensorboard])",
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()

@@ -25,9 +25,9 @@ class PluginError(MaskkitError):
 class UnknownNameError(MaskkitError):
     """A name (policy, dataset, preset) that nothing provides."""
 
-    def __init__(self, kind: str, name: str, available: list[str]) -> None:
+    def __init__(self, kind: str, name: str, available: list[str], note: str = "") -> None:
         listing = ", ".join(sorted(available)) or "(none installed)"
-        super().__init__(f"unknown {kind} '{name}'. Available: {listing}.")
+        super().__init__(f"unknown {kind} '{name}'. Available: {listing}." + (f" {note}" if note else ""))
         self.kind, self.name, self.available = kind, name, available
 
 

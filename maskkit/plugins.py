@@ -3,6 +3,10 @@
 Built-in policies and prior providers (``plugins/`` in the source tree, package
 ``maskkit_plugins``) and third-party ones are found the same way. A plugin that fails to import
 or register is recorded as a :class:`PluginFailure` and reported in one line; the rest still load.
+
+Names are unique. When two distributions use the same entry-point name, or the same policy or
+prior-provider name, the first in :data:`LOAD_ORDER` keeps it and the other's is skipped, reported
+as a :class:`NameClash` that says which one won and what to rename.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from maskkit.policy import MaskPolicy, PolicyContext
 from maskkit.priors.provider import PriorProvider, resolved_options
 
 ENTRY_POINT_GROUP = "maskkit"
+OWN_DISTRIBUTION = "maskkit"
+# The rule that settles a name clash, as messages and docs state it.
+LOAD_ORDER = (
+    "maskkit's own plugins load first, then the others by distribution name (A-Z), then by "
+    "entry-point name; the first to claim a name keeps it"
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,34 @@ class PluginFailure:
         return (
             f"plugin '{self.entry_point}' from {self.distribution} failed to load: {self.error}. "
             f"Reinstall or uninstall '{self.distribution}'."
+        )
+
+
+@dataclass(frozen=True)
+class NameClash(PluginFailure):
+    """A name that two distributions claim; ``winner`` keeps it (:data:`LOAD_ORDER`).
+
+    ``kind`` is ``"entry point"`` (the loser's whole plugin is skipped) or the kind of thing
+    named, e.g. ``"policy"`` (only that policy is skipped; the plugin's others still load).
+    """
+
+    kind: str = "policy"
+    name: str = ""
+    winner: str = ""
+
+    def one_line(self) -> str:
+        if self.kind == "entry point":
+            return (
+                f"plugin '{self.entry_point}' from {self.distribution} is not loaded: {self.winner} "
+                f"already uses the entry-point name '{self.name}' ({LOAD_ORDER}). Rename the entry "
+                f"point in {self.distribution}'s pyproject.toml ([project.entry-points.maskkit]) and "
+                "reinstall it."
+            )
+        return (
+            f"{self.kind} name '{self.name}' is provided by both {self.winner} and "
+            f"{self.distribution} (plugin '{self.entry_point}'); {self.winner}'s is used ({LOAD_ORDER}). "
+            f"To use the one from {self.distribution}, give its class another `name` there and "
+            "reinstall it."
         )
 
 
@@ -136,10 +174,13 @@ def _collect(
             if provided_class.name in found:
                 first = found[provided_class.name]
                 failures.append(
-                    PluginFailure(
+                    NameClash(
                         plugin_name,
                         distribution,
                         f"{kind} name '{provided_class.name}' is already provided by {first.distribution}",
+                        kind=kind,
+                        name=provided_class.name,
+                        winner=first.distribution,
                     )
                 )
                 continue
@@ -155,18 +196,24 @@ def get_registry() -> PluginRegistry:
     failures: list[PluginFailure] = []
     distributions: dict[str, str] = {}
     entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    # maskkit's own plugins first, so a third-party name clash never hides a built-in.
-    ordered = sorted(entry_points, key=lambda ep: (_distribution_name(ep) != "maskkit", ep.name))
+    # LOAD_ORDER: maskkit's own plugins first, so a third-party name clash never hides a built-in.
+    ordered = sorted(
+        entry_points,
+        key=lambda ep: (_distribution_name(ep) != OWN_DISTRIBUTION, _distribution_name(ep), ep.name),
+    )
     for entry_point in ordered:
         distribution = _distribution_name(entry_point)
         if manager.get_plugin(entry_point.name) is not None:
             if distributions.get(entry_point.name) != distribution:
+                winner = distributions.get(entry_point.name, "another distribution")
                 failures.append(
-                    PluginFailure(
+                    NameClash(
                         entry_point.name,
                         distribution,
-                        f"entry point name '{entry_point.name}' is already used by "
-                        f"{distributions.get(entry_point.name, 'another distribution')}; rename it",
+                        f"entry point name '{entry_point.name}' is already used by {winner}",
+                        kind="entry point",
+                        name=entry_point.name,
+                        winner=winner,
                     )
                 )
             continue  # else: the same distribution seen twice on sys.path
@@ -196,12 +243,53 @@ def get_registry() -> PluginRegistry:
     return PluginRegistry(manager=manager, policies=policies, failures=failures, providers=providers)
 
 
+def registry_as_dict(registry: PluginRegistry) -> dict:
+    """What ``maskkit policies --json`` prints: the policies, then what failed to load or clashed."""
+    return {
+        "policies": [
+            {
+                "name": info.name,
+                "distribution": info.distribution,
+                "plugin": info.plugin,
+                "learnable": info.learnable,
+                "trained_by": info.trained_by,
+                "requires": sorted(info.requires),
+                "description": info.description,
+            }
+            for info in sorted(registry.policies.values(), key=lambda item: item.name)
+        ],
+        "failures": [
+            {
+                "plugin": failure.entry_point,
+                "distribution": failure.distribution,
+                "error": failure.error,
+                "message": failure.one_line(),
+            }
+            for failure in registry.failures
+        ],
+    }
+
+
 def policy_info(name: str) -> PolicyInfo:
     """Look up an installed policy by name; the error lists the available ones."""
     registry = get_registry()
     if name not in registry.policies:
-        raise UnknownNameError("policy", name, list(registry.policies))
+        raise UnknownNameError("policy", name, list(registry.policies), note=_load_failures_note(registry))
     return registry.policies[name]
+
+
+def _load_failures_note(registry: PluginRegistry) -> str:
+    """A sentence naming the plugins that failed to load (one of them may hold the name asked for)."""
+    failed = [failure for failure in registry.failures if not isinstance(failure, NameClash)]
+    if not failed:
+        return ""
+    listed = "; ".join(
+        f"'{failure.entry_point}' from {failure.distribution} ({failure.error})" for failure in failed
+    )
+    plugins = "plugin" if len(failed) == 1 else "plugins"
+    return (
+        f"{len(failed)} {plugins} failed to load and may provide it: {listed}. `maskkit policies` lists them."
+    )
 
 
 def create_policy(name: str, context: PolicyContext, options: dict | None = None) -> MaskPolicy:

@@ -9,6 +9,40 @@ how the weights enter the pretrain loss, and what gradient reaches what, is deci
 
 Every policy turns its per-patch scores into a decision with :func:`decision_from_scores`, and
 every decision is checked by :func:`validate_decision` before the model sees it.
+
+What a plugin's author must know (``docs/plugins.md`` has the whole contract):
+
+- **Patch order.** Patch ``j`` of an image is row ``j // g``, column ``j % g`` of its ``g × g``
+  grid (``g = PolicyContext.grid_size``): row-major, as the patch embedding flattens it. Tokens,
+  priors, scores, weights and the mask all index patches this way.
+- **Gradient into the MAE.** ``batch.tokens`` carries the MAE's graph only when the run's
+  ``pretrain.weighting`` is ``reference`` (the paper's code); under every other weighting, the
+  default ``hypergradient-only`` included, the tokens are detached and nothing a policy computes
+  reaches the MAE's gradient (:meth:`maskkit.weighting.LossWeighting.policy_tokens`).
+- **Weights.** ``MaskDecision.weights`` ``[B, L]`` enter the pretrain loss on the masked patches
+  only, ``L = Σ_bj c_bj · err_bj`` with ``c = m·w / Σm`` (``reference``, ``detached``) or
+  normalised per image (``normalized``, ``hypergradient-only``, which also keeps the MAE's step
+  exactly MAE's). :mod:`maskkit.weighting` decides it. For a learnable policy the weights (and
+  the regulariser) are the only ways gradient reaches its parameters.
+- **Regulariser.** :meth:`MaskPolicy.regularizer` returns a scalar that is added to the
+  level-3 (mask) objective, computed on held-out batches with detached tokens; it is logged on
+  its own as ``loss/mask_regularizer``, beside ``loss/mask`` (the sum). It is called only when a
+  policy overrides it.
+- **Priors.** ``batch.priors`` holds each map named in ``requires`` as ``[B, L]`` in [0, 1]: the
+  run's ``--prior`` provider computed it per pixel, it rode with the image in the data loader's
+  ``Batch(images, labels, priors)`` (cropped and flipped with it), and the engine pooled it to the
+  patch grid.
+- **Pretrain-level hooks.** Parameters named by :meth:`MaskPolicy.pretrain_parameters` train with
+  the MAE, from :meth:`MaskPolicy.pretrain_loss` (which receives the step's decision, its
+  ``maps`` with their graphs, and the detached per-patch error); :meth:`MaskPolicy.set_progress`
+  and :meth:`MaskPolicy.statistics` serve schedules and logging. Each parameter is trained by
+  one level only.
+- **Options.** ``policy_options`` reach the constructor as keyword arguments, as YAML parsed
+  them: ``--set policy_options.k=2`` gives ``int`` 2, ``0.5`` a float, ``true`` a bool,
+  ``[1, 2]`` a list, ``abc`` a str, and ``1e-3`` the *string* ``"1e-3"`` (YAML 1.1 wants
+  ``1.0e-3``): convert (``float(x)``) before checking. Raise ``ValueError`` for a bad value.
+- **Randomness.** Use torch's global generator (``torch.rand``), so that ``--seed`` reproduces
+  a run.
 """
 
 from __future__ import annotations
@@ -156,6 +190,37 @@ class MalformedDecisionError(PluginError):
     """A policy returned a decision that breaks the contract."""
 
 
+# What to do about each kind of malformed decision (the last part of the error line).
+BUILD_ADVICE = (
+    "build the decision with maskkit.policy.decision_from_scores(scores [B, L], batch.mask_ratio), "
+    "which keeps ids_keep, ids_restore and mask consistent"
+)
+RATIO_ADVICE = (
+    "mask exactly L - int(L * (1 - batch.mask_ratio)) patches per image, at the run's ratio "
+    "batch.mask_ratio (not a ratio of the policy's own); decision_from_scores(scores, "
+    "batch.mask_ratio) does this"
+)
+DTYPE_ADVICE = "indices must be torch.int64, as torch.argsort returns them: drop the cast"
+WEIGHTS_SHAPE_ADVICE = (
+    "weights are one value per patch, [B, L] in the order of batch.tokens (row-major over the "
+    "grid): pass decision_from_scores(scores, batch.mask_ratio, weights=w) a w shaped like scores"
+)
+NONFINITE_WEIGHTS_ADVICE = (
+    "check the policy's scores and sigmoid for a log of 0, a division by zero or an overflowing "
+    "exp; if it starts only after some steps, its parameters diverged at level 3: lower "
+    "pretrain.mask.lr (--set pretrain.mask.lr=...)"
+)
+
+MAPS_ADVICE = (
+    "maps are named per-patch values, a dict of [B, L] tensors in the order of batch.tokens: pass "
+    "decision_from_scores(scores, batch.mask_ratio, maps={name: m}) each m shaped like scores"
+)
+NONFINITE_MAP_ADVICE = (
+    "check the computation behind the map (a log of 0, a division by zero, an overflowing exp); "
+    "if the map is trained, its parameters may have diverged: lower their learning rate"
+)
+
+
 def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str) -> None:
     """Check a decision against the contract; raise :class:`MalformedDecisionError` if broken.
 
@@ -164,14 +229,16 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
     and that ``weights`` (if any) are finite.
     """
 
-    def fail(problem: str) -> None:
+    def fail(problem: str, advice: str = BUILD_ADVICE) -> None:
         raise MalformedDecisionError(
-            f"mask policy '{policy_name}' returned a malformed decision: {problem}. "
-            "Build decisions with maskkit.policy.decision_from_scores, or fix the plugin."
+            f"mask policy '{policy_name}' returned a malformed decision: {problem}. Fix: {advice}."
         )
 
     if not isinstance(decision, MaskDecision):
-        fail(f"expected a MaskDecision, got {type(decision).__name__}")
+        fail(
+            f"expected a MaskDecision, got {type(decision).__name__}",
+            "forward must return a MaskDecision, e.g. decision_from_scores(scores, batch.mask_ratio)",
+        )
     batch_size, num_patches = batch.tokens.shape[:2]
     num_keep = batch.num_keep
     expected = {
@@ -184,12 +251,20 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
         if not isinstance(value, Tensor):
             fail(f"{name} is {type(value).__name__}, not a tensor")
         if tuple(value.shape) != shape:
-            fail(f"{name} has shape {list(value.shape)}, expected {list(shape)}")
+            # The right batch size but another count of kept patches: a ratio of the policy's own.
+            other_keep = name == "ids_keep" and value.dim() == 2 and value.shape[0] == batch_size
+            fail(
+                f"{name} has shape {list(value.shape)}, expected {list(shape)}",
+                RATIO_ADVICE if other_keep else BUILD_ADVICE,
+            )
     for name in ("ids_keep", "ids_restore"):
         if getattr(decision, name).dtype != torch.int64:
-            fail(f"{name} has dtype {getattr(decision, name).dtype}, expected torch.int64")
+            fail(f"{name} has dtype {getattr(decision, name).dtype}, expected torch.int64", DTYPE_ADVICE)
     if not decision.mask.is_floating_point():
-        fail(f"mask has dtype {decision.mask.dtype}, expected a float dtype")
+        fail(
+            f"mask has dtype {decision.mask.dtype}, expected a float dtype",
+            "mask is float, 1 = masked, 0 = kept: convert it with mask.float()",
+        )
     ids_keep, ids_restore, mask = decision.ids_keep, decision.ids_restore, decision.mask
     if ids_restore.min() < 0 or ids_restore.max() >= num_patches:
         fail(f"ids_restore holds values outside [0, {num_patches})")
@@ -204,7 +279,8 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
     if not bool((masked_per_row == num_patches - num_keep).all()):
         fail(
             f"mask must mask exactly {num_patches - num_keep} of {num_patches} patches per image "
-            f"(ratio {batch.mask_ratio}), got {masked_per_row.tolist()[:4]}…"
+            f"(ratio {batch.mask_ratio}), got {masked_per_row.tolist()[:4]}…",
+            RATIO_ADVICE,
         )
     if num_keep and not bool((torch.gather(mask, 1, ids_keep) == 0).all()):
         fail("ids_keep names patches that mask marks as masked")
@@ -214,16 +290,31 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
     if decision.weights is not None:
         weights = decision.weights
         if not isinstance(weights, Tensor) or tuple(weights.shape) != (batch_size, num_patches):
-            fail(f"weights must be a [B, L] = [{batch_size}, {num_patches}] tensor or None")
-        if not bool(torch.isfinite(weights.detach()).all()):
-            fail("weights hold non-finite values")
+            got = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            fail(
+                f"weights must be a [B, L] = [{batch_size}, {num_patches}] tensor or None, got {got}",
+                WEIGHTS_SHAPE_ADVICE,
+            )
+        finite = torch.isfinite(weights.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            fail(f"the weights hold NaN/inf ({bad} of {finite.numel()} values)", NONFINITE_WEIGHTS_ADVICE)
     if not isinstance(decision.maps, dict):
-        fail(f"maps is {type(decision.maps).__name__}, not a dict of [B, L] tensors")
+        fail(f"maps is {type(decision.maps).__name__}, not a dict of [B, L] tensors", MAPS_ADVICE)
     for name, value in decision.maps.items():
         if not isinstance(value, Tensor) or tuple(value.shape) != (batch_size, num_patches):
-            fail(f"map '{name}' must be a [B, L] = [{batch_size}, {num_patches}] tensor")
-        if not bool(torch.isfinite(value.detach()).all()):
-            fail(f"map '{name}' holds non-finite values")
+            got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            fail(
+                f"map '{name}' must be a [B, L] = [{batch_size}, {num_patches}] tensor, got {got}",
+                MAPS_ADVICE,
+            )
+        finite = torch.isfinite(value.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            fail(
+                f"map '{name}' holds non-finite values ({bad} of {finite.numel()} NaN/inf)",
+                NONFINITE_MAP_ADVICE,
+            )
 
 
 class MaskPolicy(nn.Module, abc.ABC):

@@ -8,16 +8,19 @@ Layout::
       summary.json       final metrics (written at the end)
       checkpoints/       see maskkit.checkpoint
       plots/             PNG figures
+      tensorboard/       TensorBoard events of metrics.jsonl (``tensorboard: true``; see
+                         maskkit.tensorboard_log)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from maskkit.errors import ConfigError
 
@@ -50,6 +53,14 @@ def _unique_directory(root: Path, stem: str) -> Path:
     raise ConfigError(f"could not create a fresh run directory under {root}")
 
 
+class MetricsMirror(Protocol):
+    """Something that receives every metrics record as well (e.g. TensorBoard)."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RunDir:
     """Paths and writers of one run directory.
 
@@ -61,6 +72,9 @@ class RunDir:
     def __init__(self, path: Path, writer: bool = True) -> None:
         self.path = Path(path)
         self.writer = writer
+        # Set by create(): whether this process made the folder (else it was an empty --run-dir).
+        self.created_here = False
+        self.mirrors: list[MetricsMirror] = []
 
     @classmethod
     def create(cls, run_dir: Path | None, policy: str, dataset: str, root: Path = Path("runs")) -> RunDir:
@@ -68,15 +82,43 @@ class RunDir:
         ``root/<time>-<policy>-<dataset>``. Two runs never share a directory."""
         if run_dir is None:
             stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{policy}-{dataset}"
-            return cls(_unique_directory(root, stem))
+            run = cls(_unique_directory(root, stem))
+            run.created_here = True
+            return run
         run_dir = Path(run_dir)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(
                 f"run dir {run_dir} already holds files; pick a new --run-dir, "
                 f"or continue it with --resume {run_dir}"
             )
+        run = cls(run_dir)
+        run.created_here = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        return cls(run_dir)
+        return run
+
+    def has_checkpoints(self) -> bool:
+        """Whether anything was ever saved under ``checkpoints/``."""
+        return self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
+
+    def discard_unstarted(self) -> bool:
+        """Undo :meth:`create` for a run that failed before its first checkpoint.
+
+        Removes what maskkit wrote into the folder (config, metrics, plots) and the folder itself
+        if :meth:`create` made it, so that the same ``--run-dir`` can be used again. A run dir
+        holding checkpoints is never touched, and neither is anything by a process that does not
+        write the run dir (``writer=False``). Returns whether anything was removed.
+        """
+        if not self.writer or self.has_checkpoints() or not self.path.is_dir():
+            return False
+        if self.created_here:
+            shutil.rmtree(self.path)
+        else:  # an empty --run-dir the user made: leave it empty, as it was
+            for child in self.path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        return True
 
     @classmethod
     def open(cls, path: Path) -> RunDir:
@@ -107,11 +149,18 @@ class RunDir:
         return self.path / "plots"
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to ``metrics.jsonl``."""
+        """Append one record to ``metrics.jsonl`` (and hand it to each mirror)."""
         if not self.writer:
             return
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(record) + "\n")
+        for mirror in self.mirrors:
+            mirror.write(record)
+
+    def close_mirrors(self) -> None:
+        for mirror in self.mirrors:
+            mirror.close()
+        self.mirrors.clear()
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

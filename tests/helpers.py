@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,10 @@ from maskkit.engine.context import RunContext
 from maskkit.rundir import RunDir
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# ``maskkit ARGS`` in a subprocess, seeing only maskkit's own plugins and those installed under
+# $MASKKIT_TEST_PLUGIN_SITES (see plugin_isolation.py).
+MASKKIT_CLI = [sys.executable, str(Path(__file__).resolve().parent / "isolated_cli.py")]
 
 TINY_MODEL = {
     "img_size": 8,

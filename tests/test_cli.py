@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, write_medmnist_npz
+from helpers import MASKKIT_CLI, SHARED_DATA, write_medmnist_npz
 from PIL import Image
 from safetensors.torch import load_file
 
-MASKKIT = [sys.executable, "-m", "maskkit.cli"]
+MASKKIT = MASKKIT_CLI
 
 
 def maskkit(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

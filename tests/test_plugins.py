@@ -6,6 +6,10 @@ so the plugins are found exactly as an installed third-party distribution would 
 subprocesses are started together in the background (``cli_runs``) to overlap their start-up.
 Errors raised before any training are checked in-process through ``maskkit.cli.main()``, and the
 registry itself with fake entry points.
+
+Whatever else is installed, these tests see only maskkit's own plugins and the ones they install
+(``plugin_isolation.py``: the ``plugin_sites`` fixture in-process, ``isolated_cli.py`` in a
+subprocess).
 """
 
 from __future__ import annotations
@@ -21,21 +25,25 @@ import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
+from helpers import MASKKIT_CLI
+from plugin_isolation import SITES_VARIABLE
 from safetensors.torch import load_file
 
 import maskkit.plugins as plugins_module
 from maskkit import cli
 from maskkit.errors import PluginError, UnknownNameError
 from maskkit.hookspecs import hookimpl
-from maskkit.plugins import PluginFailure, create_policy, get_registry, policy_info
+from maskkit.plugins import NameClash, PluginFailure, create_policy, get_registry, policy_info
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKERBOARD_SOURCE = REPO / "examples" / "maskkit-checkerboard"
+PATCH_SCORER_SOURCE = REPO / "examples" / "maskkit-patch-scorer"
 BUILT_INS = {
     "random",
     "mlo",
@@ -69,12 +77,24 @@ class BackgroundCli:
     Output goes to temporary files, not pipes, so a chatty run never blocks on a full pipe.
     """
 
-    def __init__(self, args: list[str], cwd: Path, site: Path | None = None, columns: int = 250) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        site: Path | None = None,
+        columns: int | None = 250,
+        hidden_site: Path | None = None,
+    ) -> None:
         env = {key: value for key, value in os.environ.items() if key not in {"PYTHONPATH", "FORCE_COLOR"}}
         env.pop("MASKKIT_DATA_DIR", None)
-        if site is not None:
-            env["PYTHONPATH"] = str(site)
-        env["COLUMNS"] = str(columns)  # a wide table: one row per line
+        # ``site``'s plugins are visible to the CLI; ``hidden_site`` is importable but stands for
+        # plugins installed elsewhere in the environment, which the tests must not see.
+        on_path = [str(folder) for folder in (site, hidden_site) if folder is not None]
+        env["PYTHONPATH"] = os.pathsep.join(on_path)
+        env[SITES_VARIABLE] = str(site) if site is not None else ""
+        env.pop("COLUMNS", None)
+        if columns is not None:
+            env["COLUMNS"] = str(columns)  # a wide table: one row per line
         env["PYTHONWARNINGS"] = "ignore"  # stderr is checked line by line
         env["OMP_NUM_THREADS"] = "1"  # several runs share a few cores
         # files that outlive this call; closed when the object goes
@@ -82,7 +102,7 @@ class BackgroundCli:
         self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
         self.cwd = cwd
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "maskkit.cli", *args],
+            [*MASKKIT_CLI, *args],
             cwd=cwd,
             env=env,
             stdout=self.stdout,
@@ -222,43 +242,6 @@ def assert_one_clean_error_line(result: CliResult, *fragments: str) -> str:
 
 # --- plugin sources -----------------------------------------------------------------------------
 
-# A learnable third-party policy: a per-position logit plus a little noise; it also overrides
-# the regularizer, so the whole level-3 path is exercised for a plugin.
-POSITION_BIAS = """
-    from __future__ import annotations
-
-    import torch
-    from torch import nn
-
-    from maskkit.hookspecs import hookimpl
-    from maskkit.policy import MaskPolicy, decision_from_scores
-
-
-    class PositionBiasMasking(MaskPolicy):
-        name = "position-bias"
-        description = "Test plugin: a learned logit per patch position."
-        learnable = True
-
-        def __init__(self, context, noise: float = 0.1):
-            super().__init__(context)
-            self.noise = noise
-            self.logits = nn.Parameter(torch.zeros(context.num_patches))  # [L]
-
-        def forward(self, batch):
-            tokens = batch.tokens  # [B, L, D]
-            noise = self.noise * torch.randn(tokens.shape[:2], device=tokens.device)
-            prob = (self.logits + noise).sigmoid()  # [B, L]
-            return decision_from_scores(prob, batch.mask_ratio, weights=prob)
-
-        def regularizer(self, decision, batch):
-            return (decision.weights.mean() - batch.mask_ratio) ** 2
-
-
-    @hookimpl
-    def maskkit_policies():
-        return [PositionBiasMasking]
-"""
-
 # A fixed third-party policy with its own parameters trained at the pretrain level: a per-patch
 # predictor of the reconstruction error (zero-initialised), regressed by the pretrain-level hook.
 LOSS_AWARE = """
@@ -332,9 +315,33 @@ FAULTY = """
             raise AssertionError("never built")
 
 
+    class ShapeBug(MaskPolicy):
+        name = "shape-bug"
+        description = "Test plugin: a shape error in its forward."
+
+        def forward(self, batch):
+            scores = torch.rand(batch.tokens.shape[:2])  # [B, L]
+            return decision_from_scores(scores[:, :-1] + scores, batch.mask_ratio)  # the bug
+
+
+    class LateFailure(MaskPolicy):
+        name = "late-failure"
+        description = "Test plugin: its forward raises from its fail_at-th call on."
+
+        def __init__(self, context, fail_at: int = 3):
+            super().__init__(context)
+            self.fail_at, self.calls = fail_at, 0
+
+        def forward(self, batch):
+            self.calls += 1
+            if self.calls >= self.fail_at:
+                raise ValueError(f"out of luck at call {self.calls}")
+            return decision_from_scores(torch.rand(batch.tokens.shape[:2]), batch.mask_ratio)
+
+
     @hookimpl
     def maskkit_policies():
-        return [BadDecision, Fragile]
+        return [BadDecision, Fragile, ShapeBug, LateFailure]
 """
 
 EXPLODING = """
@@ -364,21 +371,17 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def good_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``maskkit-position-bias``, ``maskkit-faulty``, ``maskkit-loss-aware`` and the example
-    ``maskkit-checkerboard``."""
+    """``maskkit-faulty``, ``maskkit-loss-aware`` and the two examples, ``maskkit-checkerboard`` and
+    ``maskkit-patch-scorer``, installed as the tutorial says (``pip install ./examples/<plugin>``,
+    here into a target folder)."""
     root = tmp_path_factory.mktemp("good")
     projects = [
-        write_package(
-            root / "position-bias",
-            "maskkit-position-bias",
-            {"position-bias": "policy"},
-            {"policy": POSITION_BIAS},
-        ),
         write_package(root / "faulty", "maskkit-faulty", {"faulty": "policies"}, {"policies": FAULTY}),
         write_package(
             root / "loss-aware", "maskkit-loss-aware", {"loss-aware": "policy"}, {"policy": LOSS_AWARE}
         ),
         copy_project(CHECKERBOARD_SOURCE, root / "checkerboard"),
+        copy_project(PATCH_SCORER_SOURCE, root / "patch-scorer"),
     ]
     pip_install_target(projects, root / "site")
     return root / "site"
@@ -396,28 +399,51 @@ def broken_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "site"
 
 
-# The background CLI runs: name → (the test that reads it, arguments, site, terminal columns).
-def _cli_plan(
-    good_site: Path, broken_site: Path, data_dir: Path
-) -> dict[str, tuple[str, list[str], Path | None, int]]:
-    plan: dict[str, tuple[str, list[str], Path | None, int]] = {
-        "built-ins": ("test_policies_lists_the_built_ins", ["policies"], None, 250),
-        "good": ("test_policies_lists_installed_third_party_plugins", ["policies"], good_site, 250),
-        "broken": (
-            "test_broken_plugins_are_reported_and_the_rest_still_load",
+class PlannedRun(NamedTuple):
+    """A background CLI run: the tests that read it, its arguments and environment."""
+
+    tests: tuple[str, ...]
+    args: list[str]
+    site: Path | None = None  # plugins the CLI sees
+    columns: int | None = 250  # None: COLUMNS unset, as in a pipe
+    hidden_site: Path | None = None  # importable, but stands for plugins the tests must not see
+
+
+def _cli_plan(good_site: Path, broken_site: Path, data_dir: Path) -> dict[str, PlannedRun]:
+    plan = {
+        "built-ins": PlannedRun(("test_policies_lists_the_built_ins",), ["policies"]),
+        # COLUMNS unset, output to a file: as piped.
+        "good": PlannedRun(
+            ("test_policies_lists_installed_third_party_plugins", "test_policies_rows_stay_whole_when_piped"),
+            ["policies"],
+            good_site,
+            None,
+        ),
+        "broken": PlannedRun(
+            (
+                "test_broken_plugins_are_reported_and_the_rest_still_load",
+                "test_plugin_warnings_stay_one_line_in_a_narrow_terminal",
+            ),
             ["policies"],
             broken_site,
-            250,
+            80,
         ),
-        "narrow": ("test_plugin_warnings_stay_one_line_in_a_narrow_terminal", ["policies"], broken_site, 80),
+        "json": PlannedRun(
+            ("test_policies_json_lists_policies_and_failures",), ["policies", "--json"], broken_site
+        ),
+        "hidden": PlannedRun(
+            ("test_plugins_installed_elsewhere_stay_invisible_to_the_tests",),
+            ["policies"],
+            hidden_site=broken_site,
+        ),
     }
     for policy, test in (
-        ("position-bias", "test_train_with_a_learnable_third_party_plugin"),
+        ("patch-scorer", "test_train_with_the_learned_example"),
         ("checkerboard", "test_train_with_the_checkerboard_example"),
         ("loss-aware", "test_train_with_a_third_party_policy_trained_at_the_pretrain_level"),
         ("bad-decision", "test_train_with_a_malformed_decision_fails_in_one_line"),
     ):
-        plan[policy] = (test, train_args(policy, data_dir, Path("run")), good_site, 250)
+        plan[policy] = PlannedRun((test,), train_args(policy, data_dir, Path("run")), good_site)
     return plan
 
 
@@ -437,10 +463,12 @@ def cli_runs(
     selected = {item.originalname for item in request.session.items}
     root = tmp_path_factory.mktemp("cli")
     runs: dict[str, BackgroundCli] = {}
-    for name, (test, args, site, columns) in _cli_plan(good_site, broken_site, data_dir).items():
-        if test in selected:
+    for name, planned in _cli_plan(good_site, broken_site, data_dir).items():
+        if selected.intersection(planned.tests):
             (root / name).mkdir()
-            runs[name] = BackgroundCli(args, root / name, site, columns)
+            runs[name] = BackgroundCli(
+                planned.args, root / name, planned.site, planned.columns, planned.hidden_site
+            )
     yield runs
     for run in runs.values():
         run.stop()
@@ -475,8 +503,11 @@ def test_policies_lists_installed_third_party_plugins(cli_runs: dict[str, Backgr
     listed = listed_policies(good_listing.stdout)
     assert set(listed) >= BUILT_INS
     assert listed["checkerboard"] == {"distribution": "maskkit-checkerboard", "learnable": "no", "needs": "-"}
-    assert listed["position-bias"]["distribution"] == "maskkit-position-bias"
-    assert listed["position-bias"]["learnable"] == "yes"
+    assert listed["patch-scorer"] == {
+        "distribution": "maskkit-patch-scorer",
+        "learnable": "yes",
+        "needs": "-",
+    }
     assert listed["bad-decision"]["distribution"] == listed["fragile"]["distribution"] == "maskkit-faulty"
     assert listed["random"]["distribution"] == "maskkit"
     assert listed["loss-aware"] == {
@@ -507,10 +538,61 @@ def test_broken_plugins_are_reported_and_the_rest_still_load(cli_runs: dict[str,
 
 
 def test_plugin_warnings_stay_one_line_in_a_narrow_terminal(cli_runs: dict[str, BackgroundCli]) -> None:
-    result = cli_runs["narrow"].result()
+    result = cli_runs["broken"].result()
     assert result.returncode == 0
     assert len(result.stderr_lines) == 2, result.stderr
     assert all(line.startswith("warning:") for line in result.stderr_lines), result.stderr
+
+
+def test_policies_rows_stay_whole_when_piped(cli_runs: dict[str, BackgroundCli]) -> None:
+    # COLUMNS unset and stdout a file: rich would wrap the table at 80 columns.
+    result = cli_runs["good"].result()
+    assert result.returncode == 0, result.stderr
+    listed = listed_policies(result.stdout)
+    assert set(listed) >= BUILT_INS | {"checkerboard", "patch-scorer"}
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == len(listed)  # one line per policy: no continuation lines
+    assert max(len(line) for line in result.stdout.splitlines()) > 80
+    checkerboard = next(line for line in rows if "checkerboard" in line)
+    assert "Example plugin: a randomly shifted checkerboard, topped up with random patches." in checkerboard
+
+
+def test_policies_json_lists_policies_and_failures(cli_runs: dict[str, BackgroundCli]) -> None:
+    result = cli_runs["json"].result()
+    assert result.returncode == 0, result.stderr
+    listing = json.loads(result.stdout)
+    by_name = {policy["name"]: policy for policy in listing["policies"]}
+    assert set(by_name) == BUILT_INS
+    assert by_name["mlo-light"] == {
+        "name": "mlo-light",
+        "distribution": "maskkit",
+        "plugin": "mlo",
+        "learnable": True,
+        "trained_by": "yes",
+        "requires": [],
+        "description": by_name["mlo-light"]["description"],
+    }
+    assert "per-patch scorer" in by_name["mlo-light"]["description"]
+    failures = {failure["plugin"]: failure for failure in listing["failures"]}
+    assert set(failures) == {"exploding", "nap"}
+    assert failures["exploding"]["distribution"] == "maskkit-exploding"
+    assert failures["exploding"]["error"] == "RuntimeError: kaboom while importing"
+    assert failures["nap"]["message"].startswith("plugin 'nap' from maskkit-not-a-policy failed to load")
+
+
+def test_plugins_installed_elsewhere_stay_invisible_to_the_tests(
+    cli_runs: dict[str, BackgroundCli], broken_site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # broken_site is importable (on PYTHONPATH / sys.path) but not one of the test's own sites:
+    # it stands for plugins installed in the developer's environment.
+    result = cli_runs["hidden"].result()
+    assert result.returncode == 0, result.stderr
+    assert set(listed_policies(result.stdout)) == BUILT_INS
+    assert result.stderr_lines == []
+    monkeypatch.syspath_prepend(str(broken_site))
+    get_registry.cache_clear()
+    assert set(get_registry().policies) == BUILT_INS
+    assert get_registry().failures == []
 
 
 # --- `maskkit train` with plugins ---------------------------------------------------------------
@@ -525,13 +607,16 @@ def assert_finished_run(result: CliResult, run_dir: Path, policy: str) -> None:
 
 
 @pytest.mark.slow
-def test_train_with_a_learnable_third_party_plugin(cli_runs: dict[str, BackgroundCli]) -> None:
-    result, run_dir = training(cli_runs, "position-bias")
-    assert_finished_run(result, run_dir, "position-bias")
+def test_train_with_the_learned_example(cli_runs: dict[str, BackgroundCli]) -> None:
+    result, run_dir = training(cli_runs, "patch-scorer")
+    assert_finished_run(result, run_dir, "patch-scorer")
     assert "learnable, three-level MLO" in result.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["pretrain"]["level_steps"].get("mask", 0) > 0  # the policy was trained at level 3
     assert summary["pretrain"]["evaluation_counts"].get("mask/step", 0) > 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    penalties = [record["loss/mask_regularizer"] for record in records if "loss/mask_regularizer" in record]
+    assert penalties and all(value >= 0 for value in penalties)  # its regulariser, logged on its own
 
 
 @pytest.mark.slow
@@ -578,11 +663,13 @@ def run_cli_in_process(
 
 
 @pytest.fixture
-def registry_with(monkeypatch: pytest.MonkeyPatch):
-    """Put a ``--target`` site on ``sys.path`` for the in-process registry; clear its cache around."""
+def registry_with(monkeypatch: pytest.MonkeyPatch, plugin_sites: list[Path]):
+    """Put a ``--target`` site on ``sys.path`` for the in-process registry, let the tests see its
+    plugins (``plugin_sites``), and clear the registry's cache around."""
 
     def add(site: Path) -> None:
         monkeypatch.syspath_prepend(str(site))
+        plugin_sites.append(site)
         get_registry.cache_clear()
 
     get_registry.cache_clear()
@@ -607,6 +694,92 @@ def test_train_with_a_policy_whose_constructor_raises(
         result, "'fragile'", "maskkit-faulty", "RuntimeError: the fragile policy cannot be built"
     )
     assert not run_dir.exists()
+
+
+def test_an_exception_in_a_plugins_forward_is_one_line_and_leaves_no_run_dir(
+    good_site: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    registry_with,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry_with(good_site)
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    for attempt in range(2):  # the same --run-dir again: the same error, not "already holds files"
+        result = run_cli_in_process(train_args("shape-bug", data_dir, run_dir), capsys, monkeypatch)
+        assert_one_clean_error_line(
+            result,
+            "mask policy 'shape-bug' (maskkit-faulty) raised in its forward at maskkit_faulty/policies.py:",
+            "RuntimeError: The size of tensor a (15) must match the size of tensor b (16)",
+            "MASKKIT_DEBUG=1",
+        )
+        assert not run_dir.exists(), f"attempt {attempt}: a failed first forward left {run_dir}"
+    # An empty --run-dir the user made beforehand is left as it was: empty.
+    run_dir.mkdir()
+    result = run_cli_in_process(train_args("shape-bug", data_dir, run_dir), capsys, monkeypatch)
+    assert result.returncode == 2 and run_dir.is_dir() and not any(run_dir.iterdir())
+
+
+def test_maskkit_debug_prints_the_plugins_traceback(
+    good_site: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    registry_with,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry_with(good_site)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MASKKIT_DEBUG", "1")
+    result = run_cli_in_process(train_args("shape-bug", data_dir, tmp_path / "run"), capsys, monkeypatch)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "policies.py" in result.stderr
+    assert result.stderr_lines[-1].startswith("error: mask policy 'shape-bug'")
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_after_a_checkpoint_keeps_its_run_dir(
+    good_site: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    registry_with,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry_with(good_site)
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    args = [*train_args("late-failure", data_dir, run_dir), "--set", "pretrain.checkpoint_every=1"]
+    result = run_cli_in_process(args, capsys, monkeypatch)
+    assert_one_clean_error_line(result, "'late-failure'", "ValueError: out of luck at call 3")
+    assert (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "checkpoints" / "last.json").read_text())["step"] == 2  # kept for --resume
+
+
+def test_an_unknown_policy_names_the_plugins_that_failed_to_load(
+    broken_site: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    registry_with,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry_with(broken_site)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli_in_process(
+        train_args("exploding-policy", data_dir, tmp_path / "run"), capsys, monkeypatch
+    )
+    line = assert_one_clean_error_line(
+        result,
+        f"unknown policy 'exploding-policy'. Available: {', '.join(sorted(BUILT_INS))}.",
+        "2 plugins failed to load and may provide it:",
+        "'exploding' from maskkit-exploding (RuntimeError: kaboom while importing)",
+        "'nap' from maskkit-not-a-policy",
+        "`maskkit policies` lists them",
+    )
+    assert "Reinstall" not in line
 
 
 def test_train_with_an_unknown_policy(
@@ -714,7 +887,7 @@ def test_registry_isolates_each_kind_of_broken_plugin(fake_entry_points) -> None
         FakeEntryPoint(
             "raises", lambda: plugin_module("raises", error=RuntimeError("hook broke")), "dist-raise"
         ),
-        FakeEntryPoint("later-duplicate", lambda: plugin_module("dup", make_policy("alpha")), "dist-dup"),
+        FakeEntryPoint("later-duplicate", lambda: plugin_module("dup", make_policy("alpha")), "dist-later"),
         FakeEntryPoint("nameless", lambda: plugin_module("nameless", type("X", (MaskPolicy,), {})), None),
     )
     registry = get_registry()
@@ -739,13 +912,51 @@ def test_registry_isolates_each_kind_of_broken_plugin(fake_entry_points) -> None
 
 
 def test_an_entry_point_name_clash_between_distributions_is_reported(fake_entry_points) -> None:
-    fake_entry_points(
-        FakeEntryPoint("shared", lambda: plugin_module("first", make_policy("alpha")), "dist-first"),
+    fake_entry_points(  # listed in the "wrong" order: the rule, not discovery order, decides
         FakeEntryPoint("shared", lambda: plugin_module("second", make_policy("beta")), "dist-second"),
+        FakeEntryPoint("shared", lambda: plugin_module("first", make_policy("alpha")), "dist-first"),
     )
     registry = get_registry()
     assert set(registry.policies) == {"alpha"}
-    assert [failure.distribution for failure in registry.failures] == ["dist-second"]
+    (clash,) = registry.failures
+    assert isinstance(clash, NameClash) and clash.distribution == "dist-second"
+    line = clash.one_line()
+    assert "plugin 'shared' from dist-second is not loaded: dist-first already uses" in line
+    assert "Rename the entry point in dist-second's pyproject.toml ([project.entry-points.maskkit])" in line
+    assert "failed to load" not in line and "Reinstall or uninstall" not in line
+
+
+def test_a_policy_name_clash_says_which_wins_and_what_to_rename(fake_entry_points) -> None:
+    fake_entry_points(
+        FakeEntryPoint(
+            "zeta-plugin",
+            lambda: plugin_module("z", make_policy("alpha"), make_policy("gamma")),
+            "maskkit-zeta",
+        ),
+        FakeEntryPoint("beta-plugin", lambda: plugin_module("b", make_policy("alpha")), "maskkit-beta"),
+        # A third party can never take a built-in's name, even one that sorts first.
+        FakeEntryPoint("aaa", lambda: plugin_module("a", make_policy("random")), "aaa-masks"),
+        FakeEntryPoint("random", lambda: plugin_module("r", make_policy("random")), "maskkit"),
+    )
+    registry = get_registry()
+    # The rule: maskkit's own first, then by distribution name (maskkit-beta < maskkit-zeta).
+    assert registry.policies["alpha"].distribution == "maskkit-beta"
+    assert registry.policies["random"].distribution == "maskkit"
+    assert registry.policies["gamma"].distribution == "maskkit-zeta"  # the loser's other policies load
+    clashes = {failure.name: failure for failure in registry.failures}
+    assert set(clashes) == {"alpha", "random"} and all(isinstance(c, NameClash) for c in clashes.values())
+    line = clashes["alpha"].one_line()
+    assert line.startswith(
+        "policy name 'alpha' is provided by both maskkit-beta and maskkit-zeta (plugin 'zeta-plugin'); "
+        "maskkit-beta's is used (maskkit's own plugins load first, then the others by distribution name"
+    )
+    assert "give its class another `name` there and reinstall it" in line
+    assert "failed to load" not in line and "Reinstall or uninstall" not in line
+    assert "is provided by both maskkit and aaa-masks" in clashes["random"].one_line()
+    # A clash is not a load failure: an unknown name does not blame it.
+    with pytest.raises(UnknownNameError) as caught:
+        policy_info("nosuch")
+    assert "failed to load" not in str(caught.value)
 
 
 def test_registry_is_cached_until_cleared(fake_entry_points) -> None:
@@ -822,3 +1033,56 @@ def test_checkerboard_policy_follows_the_contract(monkeypatch: pytest.MonkeyPatc
     coarse = CheckerboardMasking(CONTEXT, cell_size=2)
     batch = MaskBatch(images=torch.zeros(8, 3, 32, 32), tokens=tokens[:8], mask_ratio=0.5)
     validate_decision(coarse(batch), batch, "checkerboard")
+
+
+def test_patch_scorer_follows_the_contract_and_trains_through_weights_and_regularizer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(PATCH_SCORER_SOURCE))
+    from maskkit_patch_scorer.policy import PatchScorerMasking, maskkit_policies
+
+    from maskkit.policy import validate_decision
+
+    assert maskkit_policies() == [PatchScorerMasking]
+    assert PatchScorerMasking.learnable and PatchScorerMasking.requires == frozenset()
+    torch.manual_seed(0)
+    policy = PatchScorerMasking(CONTEXT)
+    assert sum(p.numel() for p in policy.parameters()) == CONTEXT.embed_dim + 1 + CONTEXT.num_patches
+    batch = MaskBatch(images=torch.zeros(6, 3, 32, 32), tokens=torch.randn(6, 16, 8), mask_ratio=0.75)
+    decision = policy(batch)
+    validate_decision(decision, batch, "patch-scorer")
+    assert decision.weights is not None and bool(((decision.weights > 0) & (decision.weights < 1)).all())
+    # The masked patches are the most probable ones.
+    masked_prob = decision.weights[decision.mask == 1].view(6, -1).min(dim=1).values
+    kept_prob = decision.weights[decision.mask == 0].view(6, -1).max(dim=1).values
+    assert bool((masked_prob >= kept_prob).all())
+    # Gradient reaches every parameter through the weights (the hypergradient's only path) …
+    (decision.weights * torch.rand(6, 16)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    policy.zero_grad()
+    # … and through the regulariser, a scalar that is zero when the mean probability is r.
+    penalty = policy.regularizer(policy(batch), batch)
+    assert penalty.shape == () and float(penalty.detach()) >= 0
+    penalty.backward()
+    assert policy.position_bias.grad is not None and policy.position_bias.grad.abs().sum() > 0
+    # The position bias runs row-major over the grid: a large bias at (row 1, column 2) masks it.
+    with torch.no_grad():
+        policy.position_bias[1 * CONTEXT.grid_size + 2] = 50.0
+    assert bool((policy(batch).mask.view(6, 4, 4)[:, 1, 2] == 1).all())
+
+
+def test_patch_scorer_options_arrive_as_yaml_parsed_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(PATCH_SCORER_SOURCE))
+    from maskkit_patch_scorer.policy import PatchScorerMasking
+
+    from maskkit.config import parse_override
+
+    # `--set policy_options.balance=1e-1` gives the string "1e-1" (YAML 1.1 wants a dot).
+    options = parse_override("policy_options.balance=1e-1")["policy_options"]
+    assert options == {"balance": "1e-1"}
+    assert PatchScorerMasking(CONTEXT, **options).balance == pytest.approx(0.1)
+    assert parse_override("policy_options.temperature=2")["policy_options"]["temperature"] == 2
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        PatchScorerMasking(CONTEXT, temperature=0)
+    with pytest.raises(ValueError, match="balance must be >= 0"):
+        PatchScorerMasking(CONTEXT, balance=-1)

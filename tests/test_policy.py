@@ -162,42 +162,79 @@ def _set(tensor: Tensor, value: float | int, row: int = 0, col: int = 0) -> Tens
     return changed
 
 
+# name → (breaker, what the message names, the advice it must give). The advice fits the failure:
+# non-finite weights get no "use decision_from_scores" (which cannot help), a wrong count of
+# masked patches points at batch.mask_ratio, a wrong dtype at the cast.
+BUILD = "decision_from_scores(scores [B, L], batch.mask_ratio)"
+RATIO = "at the run's ratio batch.mask_ratio"
 BREAKAGES = {
-    "ids_keep shape": (lambda d: dataclasses.replace(d, ids_keep=d.ids_keep[:, :-1]), "shape"),
-    "ids_keep int32": (lambda d: dataclasses.replace(d, ids_keep=d.ids_keep.int()), "int32"),
-    "ids_restore int32": (lambda d: dataclasses.replace(d, ids_restore=d.ids_restore.int()), "int32"),
-    "mask shape": (lambda d: dataclasses.replace(d, mask=d.mask[:, :-1]), "shape"),
-    "mask not a tensor": (lambda d: dataclasses.replace(d, mask=d.mask.tolist()), "not a tensor"),
-    "ids_keep out of range": (lambda d: dataclasses.replace(d, ids_keep=_set(d.ids_keep, 16)), "outside"),
-    "ids_keep negative": (lambda d: dataclasses.replace(d, ids_keep=_set(d.ids_keep, -1)), "outside"),
+    "ids_keep shape": (lambda d: dataclasses.replace(d, ids_keep=d.ids_keep[:, :-1]), "shape", RATIO),
+    "ids_keep rows": (lambda d: dataclasses.replace(d, ids_keep=d.ids_keep[:-1]), "shape", BUILD),
+    "ids_keep int32": (lambda d: dataclasses.replace(d, ids_keep=d.ids_keep.int()), "int32", "drop the cast"),
+    "ids_restore int32": (
+        lambda d: dataclasses.replace(d, ids_restore=d.ids_restore.int()),
+        "int32",
+        "as torch.argsort returns them",
+    ),
+    "mask shape": (lambda d: dataclasses.replace(d, mask=d.mask[:, :-1]), "shape", BUILD),
+    "mask not a tensor": (lambda d: dataclasses.replace(d, mask=d.mask.tolist()), "not a tensor", BUILD),
+    "mask bool": (lambda d: dataclasses.replace(d, mask=d.mask.bool()), "torch.bool", "mask.float()"),
+    "ids_keep out of range": (
+        lambda d: dataclasses.replace(d, ids_keep=_set(d.ids_keep, 16)),
+        "outside",
+        BUILD,
+    ),
+    "ids_keep negative": (lambda d: dataclasses.replace(d, ids_keep=_set(d.ids_keep, -1)), "outside", BUILD),
     "ids_restore out of range": (
         lambda d: dataclasses.replace(d, ids_restore=_set(d.ids_restore, 16)),
         "outside",
+        BUILD,
     ),
     "ids_restore not a permutation": (
         lambda d: dataclasses.replace(d, ids_restore=_set(d.ids_restore, int(d.ids_restore[0, 1]))),
         "permutation",
+        BUILD,
     ),
     "mask count": (
         lambda d: dataclasses.replace(d, mask=_set(d.mask, 0.0, col=int(torch.nonzero(d.mask[0])[0]))),
         "exactly 12 of 16",
+        RATIO,
     ),
-    "mask not binary": (lambda d: dataclasses.replace(d, mask=d.mask * 0.5), "other than 0 and 1"),
-    "mask inconsistent with ids_keep": (_swap_kept_and_masked, "ids_keep names patches"),
-    "weights nan": (lambda d: dataclasses.replace(d, weights=_set(d.weights, float("nan"))), "non-finite"),
-    "weights inf": (lambda d: dataclasses.replace(d, weights=_set(d.weights, float("inf"))), "non-finite"),
-    "weights shape": (lambda d: dataclasses.replace(d, weights=d.weights[:, :-1]), "weights"),
+    "mask not binary": (lambda d: dataclasses.replace(d, mask=d.mask * 0.5), "other than 0 and 1", BUILD),
+    "mask inconsistent with ids_keep": (_swap_kept_and_masked, "ids_keep names patches", BUILD),
+    "weights nan": (
+        lambda d: dataclasses.replace(d, weights=_set(d.weights, float("nan"))),
+        "the weights hold NaN/inf (1 of 48 values)",
+        "check the policy's scores and sigmoid",
+    ),
+    "weights inf": (
+        lambda d: dataclasses.replace(d, weights=_set(d.weights, float("inf"))),
+        "NaN/inf",
+        "lower pretrain.mask.lr",
+    ),
+    "weights shape": (
+        lambda d: dataclasses.replace(d, weights=d.weights[:, :-1]),
+        "got [3, 15]",
+        "a w shaped like scores",
+    ),
+    "weights a list": (lambda d: dataclasses.replace(d, weights=[0.5] * 16), "got list", "[B, L]"),
     "map shape": (
         lambda d: dataclasses.replace(d, maps={"predicted loss": d.maps["predicted loss"][:, :-1]}),
-        "map 'predicted loss' must be a [B, L]",
+        "map 'predicted loss' must be a [B, L] = [3, 16] tensor, got [3, 15]",
+        "each m shaped like scores",
     ),
     "map nan": (
         lambda d: dataclasses.replace(d, maps={"x": _set(d.maps["predicted loss"], float("nan"))}),
-        "map 'x' holds non-finite",
+        "map 'x' holds non-finite values (1 of 48 NaN/inf)",
+        "check the computation behind the map",
     ),
-    "maps not a dict": (lambda d: dataclasses.replace(d, maps=[d.mask]), "maps is list"),
-    "a tuple": (lambda d: (d.ids_keep, d.ids_restore, d.mask), "expected a MaskDecision, got tuple"),
-    "None": (lambda d: None, "got NoneType"),
+    "maps not a dict": (lambda d: dataclasses.replace(d, maps=[d.mask]), "maps is list", "a dict of [B, L]"),
+    "a tuple": (
+        lambda d: (d.ids_keep, d.ids_restore, d.mask),
+        "expected a MaskDecision, got tuple",
+        "forward must return a MaskDecision",
+    ),
+    "None": (lambda d: None, "got NoneType", "forward must return a MaskDecision"),
 }
 
 
@@ -205,15 +242,27 @@ BREAKAGES = {
 def test_validate_rejects_a_malformed_decision(breakage: str, good: tuple[MaskDecision, MaskBatch]) -> None:
     decision, batch = good
     validate_decision(decision, batch, POLICY)  # the unbroken one is fine
-    breaker, fragment = BREAKAGES[breakage]
+    breaker, fragment, advice = BREAKAGES[breakage]
     broken = breaker(decision)
     with pytest.raises(MalformedDecisionError) as caught:
         validate_decision(broken, batch, POLICY)
     message = str(caught.value)
     assert f"'{POLICY}'" in message
     assert fragment in message
+    assert f"Fix: {advice}" in message or advice in message.split("Fix: ", 1)[1], message
     assert "\n" not in message
     assert isinstance(caught.value, PluginError) and isinstance(caught.value, MaskkitError)
+
+
+def test_advice_for_non_finite_weights_does_not_send_the_author_to_decision_from_scores(
+    good: tuple[MaskDecision, MaskBatch],
+) -> None:
+    decision, batch = good
+    with pytest.raises(MalformedDecisionError) as caught:
+        validate_decision(
+            dataclasses.replace(decision, weights=_set(decision.weights, float("nan"))), batch, POLICY
+        )
+    assert "decision_from_scores" not in str(caught.value)
 
 
 def test_validate_rejects_ids_restore_that_does_not_put_kept_first(

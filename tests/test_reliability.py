@@ -260,3 +260,31 @@ def _wait_for(condition, timeout: float = 300) -> None:
     while not condition():
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_discarding_an_unstarted_run_removes_only_what_maskkit_made(tmp_path):
+    created = RunDir.create(None, "mlo", "dermamnist", root=tmp_path / "runs")
+    created.config_path.write_text("policy: mlo\n")
+    created.log({"stage": "pretrain", "step": 1})
+    assert created.discard_unstarted() and not created.path.exists()
+    assert (tmp_path / "runs").is_dir()  # the runs root may hold other runs: never removed
+
+    empty = tmp_path / "mine"
+    empty.mkdir()
+    given = RunDir.create(empty, "mlo", "dermamnist")
+    given.config_path.write_text("policy: mlo\n")
+    (given.plots).mkdir()
+    assert given.discard_unstarted() and empty.is_dir() and not any(empty.iterdir())
+
+    started = RunDir.create(tmp_path / "started", "mlo", "dermamnist")
+    started.config_path.write_text("policy: mlo\n")
+    save_checkpoint(started.checkpoints, 1, {"model": torch.nn.Linear(2, 2)}, {"step": 1})
+    assert not started.discard_unstarted()
+    assert started.config_path.is_file() and checkpoint_path(started.checkpoints, "last") is not None
+
+    # The view the other processes of a multi-process run hold never removes anything: rank 0 does.
+    follower_dir = RunDir.create(tmp_path / "follower", "mlo", "dermamnist")
+    follower_dir.config_path.write_text("policy: mlo\n")
+    follower = RunDir(follower_dir.path, writer=False)
+    follower.created_here = True
+    assert not follower.discard_unstarted() and follower.config_path.is_file()

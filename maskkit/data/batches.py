@@ -204,8 +204,9 @@ class DeviceBatches:
             cutout: side in pixels of the square zeroed in each image after normalisation.
             priors: names of the split's prior maps to serve with every batch, augmented with
                 their images (``crop_flip`` or ``none``; RandAugment has no way to move them).
-            rank, world_size: this process and the number of processes sharing each batch;
-                ``batch_size`` must be a multiple of ``world_size``.
+            rank: this process's index among those sharing each batch, ``0 <= rank < world_size``.
+            world_size: the number of processes sharing each batch; ``batch_size`` must be a
+                multiple of it.
         """
         if len(split) == 0:
             raise DataError("cannot draw batches from an empty split.")

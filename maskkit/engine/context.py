@@ -13,20 +13,14 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
 
 from maskkit.checkpoint import save_checkpoint
 from maskkit.config import RunConfig
 from maskkit.data import ImageSplit, LabelledDataset, MLOSplits
 from maskkit.distributed import with_every_rank_rng
 from maskkit.engine.evaluate import evaluate_classifier
+from maskkit.engine.progress import PlainProgress, progress_display
 from maskkit.rundir import RunDir
 from maskkit.runtime import autocast, use_bf16
 
@@ -83,16 +77,7 @@ class RunContext:
         if self.run.writer:
             save_checkpoint(self.run.checkpoints, step, modules, state, pointers)
 
-    def progress(self) -> Progress:
-        """A rich progress bar with a free-text status field (loss, throughput)."""
-        return Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=self.console,
-            transient=False,
-        )
+    def progress(self) -> Progress | PlainProgress:
+        """A rich progress bar with a free-text status field (loss, throughput) on a terminal;
+        plain lines every so often when the output goes to a file or a pipe."""
+        return progress_display(self.console)

@@ -7,6 +7,9 @@
 - Level 3, mask (T): cross-entropy of C(E(T)) on held-out data. It does not depend on T
   directly; its gradient reaches T only through the hypergradient.
 
+The policy is called only through :mod:`maskkit.engine.policy_calls`, so an exception raised in
+plugin code ends in one line naming the plugin.
+
 Each lower level also offers its loss as a function of its own parameters for the ``darts``
 hypergradient product: a part computed once (``*_pair``) and the loss at given parameters
 (``*_loss_at``), which the product differentiates in forward mode or evaluates at ±εv.
@@ -26,10 +29,16 @@ from torch.func import functional_call
 
 from maskkit.data import Batch
 from maskkit.distributed import mean_of, world_size
+from maskkit.engine.policy_calls import (
+    checked_decision,
+    checked_pretrain_loss,
+    checked_regularizer,
+    plugin_code,
+)
 from maskkit.errors import TrainingDivergedError
 from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
-from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, validate_decision
+from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy
 from maskkit.priors.alignment import patch_priors
 from maskkit.runtime import full_precision
 from maskkit.weighting import LossWeighting
@@ -93,9 +102,7 @@ def decide(
         # "malformed decision" of a policy that did nothing wrong.
         raise TrainingDivergedError("the patch embeddings became non-finite")
     batch = mask_batch(mae, images, weighting.policy_tokens(tokens), mask_ratio, priors)
-    decision = policy(batch)
-    validate_decision(decision, batch, policy.name)
-    return tokens, batch, decision
+    return tokens, batch, checked_decision(policy, batch)
 
 
 def masked_reconstruction(
@@ -175,9 +182,11 @@ class MLOObjectives:
             )
             loss = result.loss
             if purpose == "step" and type(self.policy).pretrain_loss is not MaskPolicy.pretrain_loss:
-                term = self.policy.pretrain_loss(result.decision, result.batch, result.error.detach().float())
+                term = checked_pretrain_loss(
+                    self.policy, result.decision, result.batch, result.error.detach().float()
+                )
                 if term is not None:
-                    term = full_precision(term)
+                    term = full_precision(term).reshape(())
                     self.last_policy_pretrain = term.detach()
                     loss = loss + term
         if purpose == "step":
@@ -192,8 +201,7 @@ class MLOObjectives:
         with torch.no_grad():
             tokens = self.mae.embed(images)
         seen = mask_batch(self.mae, images, tokens, self.mask_ratio, batch.priors)
-        decision = self.policy(seen)
-        validate_decision(decision, seen, self.policy.name)
+        decision = checked_decision(self.policy, seen)
         weights = None if self.weighting.policy_reads_encoder else decision.weights
         return _PretrainPair(images, decision, weights, batch.priors)
 
@@ -208,7 +216,8 @@ class MLOObjectives:
         weights = pair.weights
         if self.weighting.policy_reads_encoder:
             seen = mask_batch(self.mae, pair.images, tokens, self.mask_ratio, pair.priors)
-            weights = self.policy(seen).weights
+            with plugin_code(self.policy, "forward"):
+                weights = self.policy(seen).weights
         return self.weighting.loss(error, decision.mask, weights)
 
     # --- levels 2 and 3 ----------------------------------------------------------------------
@@ -267,7 +276,8 @@ class MLOObjectives:
         return self.head_loss(features, labels)
 
     def mask_loss(self, batch: Batch) -> Tensor:
-        """Level 3: validation cross-entropy of C(E(T)), plus the policy's regulariser if any."""
+        """Level 3: validation cross-entropy of C(E(T)), plus the policy's regulariser if any
+        (logged on its own as ``loss/mask_regularizer``; ``loss/mask`` is the sum)."""
         self.counts["mask/step"] += 1
         images, labels = batch.images, batch.labels
         loss = self.head_loss(self.features(images), labels)
@@ -277,11 +287,10 @@ class MLOObjectives:
                 with torch.no_grad():
                     tokens = self.mae.embed(images)
                 seen = mask_batch(self.mae, images, tokens, self.mask_ratio, batch.priors)
-                decision = self.policy(seen)
-                validate_decision(decision, seen, self.policy.name)
-                penalty = self.policy.regularizer(decision, seen)
+                decision = checked_decision(self.policy, seen)
+                penalty = checked_regularizer(self.policy, decision, seen)
             if penalty is not None:
-                penalty = full_precision(penalty)
+                penalty = full_precision(penalty).reshape(())
                 self.last_regularizer = penalty.detach()
                 loss = loss + penalty
         return loss

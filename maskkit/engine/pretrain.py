@@ -26,6 +26,12 @@ from maskkit.engine.context import RunContext
 from maskkit.engine.diagnostics import global_batch, mask_statistics, split_mask_statistics
 from maskkit.engine.objectives import MLOObjectives
 from maskkit.engine.optim import adamw_from_config, cosine_schedule, parameter_groups
+from maskkit.engine.policy_calls import (
+    checked_set_progress,
+    checked_statistics,
+    distribution_of,
+    plugin_code,
+)
 from maskkit.errors import PluginError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.policy import MaskPolicy
@@ -44,11 +50,13 @@ def pretrain_steps(context: RunContext) -> int:
 def policy_pretrain_parameters(policy: MaskPolicy) -> list[torch.nn.Parameter]:
     """The policy's parameters that the pretrain level trains (:meth:`MaskPolicy.pretrain_parameters`),
     checked to be its own; the rest of a learnable policy's parameters are level 3's."""
-    chosen = list(policy.pretrain_parameters())
+    with plugin_code(policy, "pretrain_parameters"):
+        chosen = list(policy.pretrain_parameters())
     own = {id(p) for p in policy.parameters()}
     if any(not isinstance(p, torch.nn.Parameter) or id(p) not in own for p in chosen):
         raise PluginError(
-            f"policy '{policy.name}': pretrain_parameters() must yield parameters of the policy itself"
+            f"mask policy '{policy.name}' ({distribution_of(policy)}): pretrain_parameters() must "
+            "yield parameters of the policy itself (nn.Parameter attributes of the policy module)"
         )
     return chosen
 
@@ -255,7 +263,7 @@ class Pretrainer:
     def step(self, step: int) -> None:
         """Pretrain step ``step`` (1-based) and whatever upper-level steps follow it; the policy
         learns first where training stands (:meth:`MaskPolicy.set_progress`)."""
-        self.policy.set_progress(step, self.total_steps)
+        checked_set_progress(self.policy, step, self.total_steps)
         self.mlo.step(step)
 
     def evaluate(self) -> dict:
@@ -332,7 +340,7 @@ class Pretrainer:
             context.autocast,
             priors=sorted(self.policy.requires),
         )
-        stats.update({f"policy/{key}": value for key, value in self.policy.statistics().items()})
+        stats.update({f"policy/{key}": value for key, value in checked_statistics(self.policy).items()})
         shown = ", ".join(f"{key} {value:.3f}" for key, value in stats.items())
         context.console.print(f"mask statistics on the val split at the end of pretraining: {shown}")
         return stats
@@ -375,8 +383,8 @@ class Pretrainer:
                 record[key] = float(value)
         if self.objectives.last_policy_pretrain is not None:
             record["loss/policy_pretrain"] = mean_of(float(self.objectives.last_policy_pretrain))
-        for key, value in self.policy.statistics().items():
-            record[f"policy/{key}"] = float(value)
+        for key, value in checked_statistics(self.policy).items():
+            record[f"policy/{key}"] = value
         if self.objectives.last_regularizer is not None:
             record["loss/mask_regularizer"] = mean_of(float(self.objectives.last_regularizer))
         for path, norm in self.mlo.hypergradient_norms().items():

@@ -46,6 +46,7 @@ from maskkit.priors.attach import PriorSpec, attach_priors, check_prior_choice
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
 from maskkit.rundir import RunDir, atomic_write_text
 from maskkit.runtime import device_description, seed_everything, select_device, tune_cpu_runtime
+from maskkit.tensorboard_log import TENSORBOARD_DIR, TensorBoardMirror, require_tensorboard
 
 
 def policy_context(model: MaskedAutoencoderViT) -> PolicyContext:
@@ -90,14 +91,16 @@ def prepare(
     device: torch.device | None = None,
 ) -> tuple[torch.device, LabelledDataset, MLOSplits]:
     """Everything that can fail on user input, done before a run dir is created: the policy, its
-    prior provider, the batch sizes, the device, the data and the priors (built here when the
-    user asked; ``with_priors=False`` skips them for work that never calls the policy, like
-    evaluation). ``device``: the process's device when the caller already chose it, as a
-    multi-process run does."""
+    prior provider, TensorBoard when asked for, the batch sizes, the device, the data and the
+    priors (built here when the user asked; ``with_priors=False`` skips them for work that never
+    calls the policy, like evaluation). ``device``: the process's device when the caller already
+    chose it, as a multi-process run does."""
     info = policy_info(config.policy)
     requires = info.requires if with_priors else frozenset()
     if with_priors:
         check_prior_choice(config, requires)
+    if config.tensorboard:
+        require_tensorboard()
     device = select_device(config.device) if device is None else device
     check_batch_sizes(batch_sizes(config, info.learnable))
     if device.type == "cpu":
@@ -165,15 +168,30 @@ def train(
     models = build_models(config, dataset.num_classes, device)
     separate_random_streams(config.seed)
 
-    def create() -> Path:
+    def create() -> tuple[Path, bool]:
         run = RunDir.create(run_dir, config.policy, config.data.dataset, root=runs_root)
-        run.config_path.write_text(config_to_yaml(config))
-        return run.path
+        try:
+            run.config_path.write_text(config_to_yaml(config))
+        except Exception:
+            run.discard_unstarted()
+            raise
+        return run.path, run.created_here
 
-    run = RunDir(on_main(create), writer=is_main())
+    path, created_here = on_main(create)
+    run = RunDir(path, writer=is_main())
+    run.created_here = created_here
     note_run_dir(run.path)
-    context = RunContext(config, device, dataset, splits, run, console)
-    _execute(context, *models, resume=None)
+    try:
+        context = RunContext(config, device, dataset, splits, run, console)
+        _execute(context, *models, resume=None)
+    except Exception as error:
+        # A run that fails before its first checkpoint (a policy that raises in its first forward,
+        # say) leaves nothing behind, so the same --run-dir works again. A diverged run keeps its
+        # metrics to look at; Ctrl-C (not an Exception) keeps the dir for --resume. Rank 0 alone
+        # removes it (the other processes' view does not write).
+        if not isinstance(error, TrainingDivergedError):
+            run.discard_unstarted()
+        raise
     return run
 
 
@@ -185,9 +203,10 @@ def resume(
 ) -> RunDir:
     """Continue an interrupted run from its last checkpoint, with its saved config.
 
-    ``overrides`` may change only ``precision`` and ``device``; anything else would make the
-    resumed run a different experiment, and is refused. The number of processes may differ from
-    the interrupted run's: the saved data order is that of the global batches.
+    ``overrides`` may change only what :data:`ADJUSTABLE_ON_RESUME` names (how the run computes
+    or reports); anything else would make the resumed run a different experiment, and is refused.
+    The number of processes may differ from the interrupted run's: the saved data order is that
+    of the global batches.
     Under torchrun every process reads the run dir (on a filesystem all nodes share).
     """
     run = RunDir.open(run_dir)
@@ -213,9 +232,9 @@ def resume(
     return run
 
 
-# What a resumed run may change: how it computes, not what it computes (the priors store's key
-# pins the priors themselves, wherever the store is).
-ADJUSTABLE_ON_RESUME = ("precision", "device", "data.build_priors", "data.priors_dir")
+# What a resumed run may change: how it computes or reports, not what it computes (the priors
+# store's key pins the priors themselves, wherever the store is).
+ADJUSTABLE_ON_RESUME = ("precision", "device", "tensorboard", "data.build_priors", "data.priors_dir")
 
 
 def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> RunConfig:
@@ -265,6 +284,8 @@ def _execute(
         + (f", from its {stage} checkpoint at step {resume.state['step']}" if resume is not None else "")
     )
     run.truncate_metrics(_resume_position(resume))
+    if config.tensorboard:
+        run.mirrors.append(TensorBoardMirror(run.path / TENSORBOARD_DIR, _resume_position(resume)))
     try:
         if stage == "finetune":
             pretrain_summary = resume.state["carry"]["pretrain"]
@@ -286,6 +307,8 @@ def _execute(
         raise
     except TrainingDivergedError as error:
         raise TrainingDivergedError(f"{error} Run dir: {run.path}.") from None
+    finally:
+        run.close_mirrors()
     _finish(context, classifier, pretrain_summary, finetuned)
 
 

@@ -20,17 +20,10 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from maskkit.config import RunConfig
 from maskkit.data import ImageSplit, LabelledDataset
+from maskkit.engine.progress import progress_display
 from maskkit.errors import ConfigError, MaskkitError
 from maskkit.plugins import create_provider, provider_info, provider_options
 from maskkit.priors.compute import compute_priors
@@ -165,7 +158,8 @@ def attach_priors(dataset: LabelledDataset, spec: PriorSpec, console: Console) -
     """``dataset`` with the maps of ``spec.provider`` attached to each split.
 
     Loads them from the store; missing ones are built there first when ``spec.build``, with a
-    progress bar per split, else :class:`PriorsNotBuiltError` names the command that builds them.
+    progress bar per split (plain progress lines when the output is no terminal), else
+    :class:`PriorsNotBuiltError` names the command that builds them.
     """
     options = provider_options(spec.provider, spec.options)
     provider = create_provider(spec.provider, spec.options)
@@ -184,10 +178,10 @@ def attach_priors(dataset: LabelledDataset, spec: PriorSpec, console: Console) -
         )
     if missing:
         splits = _splits(dataset)
-        with _progress(console) as progress:
+        with progress_display(console) as progress:
             for name in missing:
                 split = splits[name]
-                task = progress.add_task(f"{spec.provider} priors, {name}", total=len(split))
+                task = progress.add_task(f"{spec.provider} priors, {name}", total=len(split), status="")
                 started = time.perf_counter()
                 maps[name] = store.build(
                     keys[name],
@@ -225,19 +219,6 @@ def computed_priors(dataset: LabelledDataset, provider: PriorProvider) -> Labell
     synthetic data (benchmarks, tests) that no one will see twice."""
     return _with_maps(
         dataset, {name: compute_priors(provider, split.images) for name, split in _splits(dataset).items()}
-    )
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
     )
 
 

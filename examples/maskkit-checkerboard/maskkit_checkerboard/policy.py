@@ -32,12 +32,15 @@ class CheckerboardMasking(MaskPolicy):
 
     def __init__(self, context: PolicyContext, cell_size: int = 1, jitter: float = 0.5) -> None:
         super().__init__(context)
+        # Options arrive as YAML parsed them: `--set policy_options.jitter=5e-1` is the string
+        # "5e-1" (YAML 1.1 wants 5.0e-1), so convert before checking.
+        jitter = float(jitter)
         if not isinstance(cell_size, int) or cell_size < 1:
             raise ValueError(f"cell_size must be a positive integer, got {cell_size!r}")
         if not 0 < jitter <= 1:
             raise ValueError(f"jitter must be in (0, 1], got {jitter!r}")
         self.cell_size = cell_size
-        self.jitter = float(jitter)
+        self.jitter = jitter
 
     def pattern(self, batch_size: int, device: torch.device) -> Tensor:
         """One shifted checkerboard per image, flattened row-major like the patches.
