@@ -168,7 +168,7 @@ def average_gradients_(parameters: Sequence[Tensor], loss: Tensor) -> float:
     """
     with_grad = [p for p in parameters if p.grad is not None]
     if not is_distributed():
-        return float(loss)
+        return float(loss.detach())
     *grads, mean_loss = average_across_ranks([p.grad for p in with_grad] + [loss.detach().reshape(1)])
     for parameter, grad in zip(with_grad, grads, strict=True):
         parameter.grad.copy_(grad)
