@@ -48,7 +48,7 @@ What a plugin's author must know (``docs/plugins.md`` has the whole contract):
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -221,6 +221,25 @@ NONFINITE_MAP_ADVICE = (
 )
 
 
+def _check_per_patch(
+    value: object,
+    what: str,
+    shape: tuple[int, int],
+    fail: Callable[[str, str], None],
+    shape_advice: str,
+    finite_advice: str,
+) -> None:
+    """Refuse (through ``fail``) a per-patch tensor of a decision that is not ``[B, L]`` or holds
+    NaN/inf; ``what`` names it in the message ("weights", "map 'x'")."""
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+        got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        fail(f"{what} must be a [B, L] = {list(shape)} tensor, got {got}", shape_advice)
+    finite = torch.isfinite(value.detach())
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        fail(f"{what}: NaN/inf in {bad} of {finite.numel()} values", finite_advice)
+
+
 def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str) -> None:
     """Check a decision against the contract; raise :class:`MalformedDecisionError` if broken.
 
@@ -287,34 +306,22 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
     # ids_restore must put the kept ids first: position ids_restore[j] < K  <=>  j is kept.
     if not torch.equal((ids_restore < num_keep).float(), 1.0 - mask):
         fail("ids_restore does not place the kept patches first")
+    shape = (batch_size, num_patches)
     if decision.weights is not None:
-        weights = decision.weights
-        if not isinstance(weights, Tensor) or tuple(weights.shape) != (batch_size, num_patches):
-            got = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
-            fail(
-                f"weights must be a [B, L] = [{batch_size}, {num_patches}] tensor or None, got {got}",
-                WEIGHTS_SHAPE_ADVICE,
-            )
-        finite = torch.isfinite(weights.detach())
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            fail(f"the weights hold NaN/inf ({bad} of {finite.numel()} values)", NONFINITE_WEIGHTS_ADVICE)
+        _check_per_patch(
+            decision.weights,
+            "weights",
+            shape,
+            fail,
+            WEIGHTS_SHAPE_ADVICE,
+            NONFINITE_WEIGHTS_ADVICE,
+        )
     if not isinstance(decision.maps, dict):
         fail(f"maps is {type(decision.maps).__name__}, not a dict of [B, L] tensors", MAPS_ADVICE)
     for name, value in decision.maps.items():
-        if not isinstance(value, Tensor) or tuple(value.shape) != (batch_size, num_patches):
-            got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            fail(
-                f"map '{name}' must be a [B, L] = [{batch_size}, {num_patches}] tensor, got {got}",
-                MAPS_ADVICE,
-            )
-        finite = torch.isfinite(value.detach())
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            fail(
-                f"map '{name}' holds non-finite values ({bad} of {finite.numel()} NaN/inf)",
-                NONFINITE_MAP_ADVICE,
-            )
+        _check_per_patch(
+            value, f"map '{name}'", (batch_size, num_patches), fail, MAPS_ADVICE, NONFINITE_MAP_ADVICE
+        )
 
 
 class MaskPolicy(nn.Module, abc.ABC):

@@ -204,7 +204,7 @@ BREAKAGES = {
     "mask inconsistent with ids_keep": (_swap_kept_and_masked, "ids_keep names patches", BUILD),
     "weights nan": (
         lambda d: dataclasses.replace(d, weights=_set(d.weights, float("nan"))),
-        "the weights hold NaN/inf (1 of 48 values)",
+        "weights: NaN/inf in 1 of 48 values",
         "check the policy's scores and sigmoid",
     ),
     "weights inf": (
@@ -225,7 +225,7 @@ BREAKAGES = {
     ),
     "map nan": (
         lambda d: dataclasses.replace(d, maps={"x": _set(d.maps["predicted loss"], float("nan"))}),
-        "map 'x' holds non-finite values (1 of 48 NaN/inf)",
+        "map 'x': NaN/inf in 1 of 48 values",
         "check the computation behind the map",
     ),
     "maps not a dict": (lambda d: dataclasses.replace(d, maps=[d.mask]), "maps is list", "a dict of [B, L]"),
