@@ -56,6 +56,7 @@ import contextlib
 import itertools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -409,6 +410,18 @@ def second_order_attention() -> contextlib.AbstractContextManager:
     return sdpa_kernel([SDPBackend.MATH])
 
 
+@contextlib.contextmanager
+def _quiet_jvp_setup() -> Iterator[None]:
+    """Silence the FutureWarning torch prints the first time forward mode is used: loading its
+    decompositions calls the deprecated ``torch.jit.script`` inside torch itself, which no user
+    of maskkit can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 @torch.no_grad()
 def _shift(params: list[Tensor], base: list[Tensor], vector: list[Tensor], scale: float) -> None:
     for p, b, v in zip(params, base, vector, strict=True):
@@ -446,7 +459,7 @@ def darts_product(vector: list[Tensor], current: _Level, previous: _Level) -> li
         fixed = {n: p.detach() for n, p, m in zip(names, params, moving, strict=True) if not m}
         primals = {n: p.detach() for n, p, m in zip(names, params, moving, strict=True) if m}
         tangents = {n: v for n, v, m in zip(names, vector, moving, strict=True) if m}
-        with second_order_attention():
+        with second_order_attention(), _quiet_jvp_setup():
             _, directional = jvp(
                 lambda at: functional.loss_at(shared, {**fixed, **at}), (primals,), (tangents,)
             )
