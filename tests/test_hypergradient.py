@@ -62,11 +62,13 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a, b, dim=0))
 
 
-def _build(tmp_path, policy: str, weighting: str, **mask_level) -> Pretrainer:
-    """A tiny three-level run in float64; ``mask_level`` sets options of ``pretrain.mask``."""
+def _build(tmp_path, policy: str, weighting: str, precision: str = "fp32", **mask_level) -> Pretrainer:
+    """A tiny three-level run in float64 (``precision="bf16"``: float32 weights under bf16
+    autocast instead); ``mask_level`` sets options of ``pretrain.mask``."""
     torch.manual_seed(0)
     config = tiny_config(
         policy,
+        precision=precision,
         policy_options={"hidden_dim": 4 if policy == "mlo-light" else 2},
         pretrain={"weighting": weighting, "mask": mask_level},
         finetune={"head_dropout": HEAD_DROPOUT},
@@ -75,6 +77,8 @@ def _build(tmp_path, policy: str, weighting: str, **mask_level) -> Pretrainer:
     context = quiet_context(config, dataset, tmp_path / f"run-{next(_RUN_NUMBERS)}")
     mae, mask_policy, head = build_models(config, len(dataset.class_names), context.device)
     pretrainer = Pretrainer(context, mae, mask_policy, head)
+    if precision == "bf16":
+        return pretrainer
     for module in (mae, mask_policy, head):
         module.double()
     for level in pretrainer.mlo.levels.values():
@@ -300,6 +304,29 @@ def test_finite_difference_darts_follows_each_path_too(cases, tmp_path, weightin
     _, _, references = cases("mlo-light", weighting)
     run = _run_engine(_build(tmp_path, "mlo-light", weighting, **FINITE_DIFFERENCE))
     assert check_paths(run, references) == []
+
+
+def test_the_exact_product_runs_under_bf16_autocast_and_agrees_with_fp32(tmp_path, monkeypatch):
+    # Under bf16 (the CUDA default) the exact product runs in the levels' own precision: it has
+    # no ε for bf16 to round away. Same run, same draws: only the products' precision differs.
+    under_autocast = []
+
+    def recording_jvp(*args, **kwargs):
+        under_autocast.append(torch.is_autocast_enabled("cpu"))
+        return torch.func.jvp(*args, **kwargs)
+
+    monkeypatch.setattr(betty_glue, "jvp", recording_jvp)
+    bf16 = _run_engine(_build(tmp_path, "mlo-light", "hypergradient-only", precision="bf16"))
+    # Split by path: the finetune-level product, and the pretrain-level product once per path.
+    assert under_autocast == [True, True, True]
+    fp32_products = _build(tmp_path, "mlo-light", "hypergradient-only", precision="bf16")
+    for level in fp32_products.mlo.levels.values():
+        if level.spec.functional is not None:
+            level.spec.functional.exact_precision = contextlib.nullcontext
+    fp32 = _run_engine(fp32_products)
+    assert under_autocast[3:] == [False, False, False]
+    for path in PATHS:
+        assert _cosine(bf16.parts[path], fp32.parts[path]) > 0.99
 
 
 def test_finite_difference_without_matched_random_draws_fails_the_check(cases, tmp_path, monkeypatch):

@@ -137,6 +137,9 @@ class FunctionalLoss:
 
     prepare: Callable[[tuple], Any]
     loss_at: Callable[[Any, dict[str, Tensor]], Tensor]
+    # The precision of the exact (forward-mode) product: the levels' own (bf16 autocast on CUDA).
+    # It carries no ε, so bf16 cannot round a step away; the finite difference stays in fp32.
+    exact_precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 class _Level(ImplicitProblem):
@@ -459,7 +462,7 @@ def darts_product(vector: list[Tensor], current: _Level, previous: _Level) -> li
         fixed = {n: p.detach() for n, p, m in zip(names, params, moving, strict=True) if not m}
         primals = {n: p.detach() for n, p, m in zip(names, params, moving, strict=True) if m}
         tangents = {n: v for n, v, m in zip(names, vector, moving, strict=True) if m}
-        with second_order_attention(), _quiet_jvp_setup():
+        with second_order_attention(), _quiet_jvp_setup(), functional.exact_precision():
             _, directional = jvp(
                 lambda at: functional.loss_at(shared, {**fixed, **at}), (primals,), (tangents,)
             )

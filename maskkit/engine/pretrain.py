@@ -163,7 +163,9 @@ class Pretrainer:
             next_batch=self.batches["pretrain"].next,
             loss=self.objectives.pretrain_loss,
             hypergradient_loss=lambda batch: self.objectives.pretrain_loss(batch, "hypergradient"),
-            functional=FunctionalLoss(self.objectives.pretrain_pair, self.objectives.pretrain_loss_at),
+            functional=FunctionalLoss(
+                self.objectives.pretrain_pair, self.objectives.pretrain_loss_at, self.context.autocast
+            ),
             unroll_steps=level.unroll_steps,
             extra_parameters=policy_part,
             **self._hypergradient_settings(),
@@ -181,7 +183,9 @@ class Pretrainer:
             next_batch=self.batches["finetune"].next,
             loss=objectives.finetune_loss,
             hypergradient_loss=objectives.finetune_hypergradient_loss,
-            functional=FunctionalLoss(objectives.finetune_pair, objectives.finetune_loss_at),
+            functional=FunctionalLoss(
+                objectives.finetune_pair, objectives.finetune_loss_at, self.context.autocast
+            ),
             unroll_steps=level.unroll_steps,
             **self._hypergradient_settings(),
         )
