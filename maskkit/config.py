@@ -103,7 +103,9 @@ class PretrainConfig(StrictModel):
     """Stage 1: MAE pretraining, three-level MLO when the policy is learnable.
 
     ``epochs`` counts passes of the pretrain level over all training images; ``steps`` (pretrain
-    level steps) overrides it when set. ``weighting`` says how a policy's weights enter the
+    level steps) overrides it when set, and ``steps: 0`` skips stage 1 altogether: stage 2 then
+    trains the freshly initialised ViT from scratch (the no-pretraining baseline; the policy takes
+    no part). ``weighting`` says how a policy's weights enter the
     pretrain loss (``maskkit/weighting.py``; ``reference`` is the paper's code).
     ``class_balanced`` weights the level-2 and level-3 cross-entropies by inverse class
     frequency.
@@ -112,7 +114,7 @@ class PretrainConfig(StrictModel):
     epochs: float = Field(1.0, gt=0)
     weighting: WeightingName = "hypergradient-only"
     class_balanced: bool = False
-    steps: int | None = Field(None, gt=0)
+    steps: int | None = Field(None, ge=0, description="0: no pretraining, a ViT from scratch")
     augment: Augment = "crop_flip"
     eval_every: int | None = Field(None, gt=0, description="pretrain steps between evaluations")
     checkpoint_every: int | None = Field(None, gt=0, description="pretrain steps between checkpoints")

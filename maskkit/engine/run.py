@@ -276,7 +276,7 @@ def _execute(
     verb = "resuming" if resume is not None else "starting"
     console.print(
         f"[bold]maskkit[/] {verb} run [cyan]{run.path}[/]: policy [green]{config.policy}[/] "
-        f"({_how_trained(policy)}), "
+        f"({_how_trained(policy, config)}), "
         f"{config.data.dataset} ({len(context.splits.pretrain)} train / {len(context.splits.test)} test), "
         f"device {context.device}"
         + (f" (rank 0 of {world_size()} processes)" if world_size() > 1 else "")
@@ -312,7 +312,9 @@ def _execute(
     _finish(context, classifier, pretrain_summary, finetuned)
 
 
-def _how_trained(policy: MaskPolicy) -> str:
+def _how_trained(policy: MaskPolicy, config: RunConfig) -> str:
+    if config.pretrain.steps == 0:
+        return "no pretraining: pretrain.steps=0, the ViT is trained from scratch"
     if policy.learnable:
         return "learnable, three-level MLO"
     if any(True for _ in policy.pretrain_parameters()):
