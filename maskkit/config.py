@@ -173,6 +173,10 @@ class RunConfig(StrictModel):
         False,
         description="also write TensorBoard events to RUN_DIR/tensorboard (needs maskkit[tensorboard])",
     )
+    protocols: bool = Field(
+        False,
+        description="also score the frozen pretrained encoder by a linear probe and k-NN (protocols.json)",
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()

@@ -37,6 +37,7 @@ from maskkit.distributed import (
 from maskkit.engine.context import RunContext
 from maskkit.engine.finetune import Finetuner, FinetuneResult
 from maskkit.engine.pretrain import Pretrainer, PretrainResult
+from maskkit.engine.protocols import frozen_encoder_protocols
 from maskkit.errors import ConfigError, TrainingDivergedError
 from maskkit.launch import note_run_dir
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
@@ -70,6 +71,9 @@ def build_models(
     head = ClassifierHead(config.model.embed_dim, num_classes, config.finetune.head_dropout).to(device)
     return mae, policy, head
 
+
+#: The linear probe's and k-NN's results in a run dir (``protocols: true``).
+PROTOCOLS_FILE = "protocols.json"
 
 # Keeps the stage-2 head's draw apart from the models' (seeded with the seed itself).
 STAGE2_HEAD_SEED_OFFSET = 7919
@@ -373,6 +377,19 @@ def _finish(
     }
     if not run.writer:  # rank 0 writes the summary and the plots
         return
+    if config.protocols:  # before the summary: a run with a summary has all its results
+        protocols = frozen_encoder_protocols(context)
+        run.write_json(PROTOCOLS_FILE, protocols)
+        summary["protocols"] = {
+            name: {key: protocols[name]["test"][key] for key in ("accuracy", "weighted_f1", "macro_f1")}
+            for name in ("linear_probe", "knn")
+        }
+        context.console.print(
+            "frozen pretrained encoder: linear probe test accuracy "
+            f"{protocols['linear_probe']['test']['accuracy']:.4f} (C {protocols['linear_probe']['C']:g}), "
+            f"k-NN {protocols['knn']['test']['accuracy']:.4f} (k {protocols['knn']['k']})",
+            highlight=False,
+        )
     run.write_json("summary.json", summary)
     write_plots(run, test_metrics)
     context.console.print(f"summary: [cyan]{run.summary_path}[/]  plots: [cyan]{run.plots}[/]")
