@@ -246,18 +246,23 @@ def parse_override(assignment: str) -> dict:
     return tree
 
 
-def format_validation_error(error: ValidationError) -> str:
-    """One line per problem: ``key.path: message (got value)``."""
+def format_validation_error(
+    error: ValidationError,
+    subject: str = "config",
+    keys_hint: str = "`maskkit config show` lists valid keys",
+) -> str:
+    """One line per problem: ``key.path: message (got value)``, after ``invalid <subject>:``;
+    an unknown key's message points at ``keys_hint``."""
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; `maskkit config show` lists valid keys)"
+            message = f"unknown key (check the spelling; {keys_hint})"
         got = item.get("input")
         shown = "" if isinstance(got, dict) or item["type"] == "extra_forbidden" else f" (got {got!r})"
         problems.append(f"{location}: {message}{shown}")
-    return "invalid config: " + "; ".join(problems)
+    return f"invalid {subject}: " + "; ".join(problems)
 
 
 def build_config(
@@ -279,6 +284,19 @@ def validate_config(raw: dict) -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
+
+
+def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
+    """The keys where two config dicts (``model_dump(mode="json")``) differ, each as
+    ``key.path (saved A, given B)``."""
+    keys = []
+    for key in saved.keys() | given.keys():
+        a, b = saved.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key} (saved {a!r}, given {b!r})")
+    return keys
 
 
 def config_to_yaml(config: RunConfig) -> str:

@@ -14,7 +14,14 @@ import torch
 from rich.console import Console
 
 from maskkit.checkpoint import Checkpoint, checkpoint_path, load_checkpoint
-from maskkit.config import RunConfig, config_to_yaml, deep_merge, load_run_config, validate_config
+from maskkit.config import (
+    RunConfig,
+    config_differences,
+    config_to_yaml,
+    deep_merge,
+    load_run_config,
+    validate_config,
+)
 from maskkit.data import (
     ImageSplit,
     LabelledDataset,
@@ -245,7 +252,7 @@ def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> Ru
     """The saved config with the allowed ``overrides`` applied; anything else is refused."""
     saved = config.model_dump(mode="json")
     merged = validate_config(deep_merge(saved, *overrides))
-    differing = sorted(_differences(saved, merged.model_dump(mode="json")))
+    differing = sorted(config_differences(saved, merged.model_dump(mode="json")))
     refused = [item for item in differing if item.split(" ")[0] not in ADJUSTABLE_ON_RESUME]
     if refused:
         raise ConfigError(
@@ -254,17 +261,6 @@ def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> Ru
             "or start a new run"
         )
     return merged
-
-
-def _differences(saved: dict, merged: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in saved.keys() | merged.keys():
-        a, b = saved.get(key), merged.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key} (saved {a!r}, given {b!r})")
-    return keys
 
 
 def _execute(
