@@ -42,7 +42,7 @@ from maskkit.report import classification_metrics
 
 #: Inverse regularisation strengths of the linear probe, chosen on val (ascending: a tie goes to
 #: the stronger regularisation).
-LINEAR_PROBE_C: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
+LINEAR_PROBE_C: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
 #: Neighbour counts of the k-NN classifier, chosen on val (ascending: a tie goes to the smaller k).
 KNN_K: tuple[int, ...] = (10, 20, 50)
 #: Iterations of the probe's solver (lbfgs) per value of C; each fit starts from the previous one.
