@@ -1,0 +1,208 @@
+"""``maskkit bench`` end to end: the smoke suite, a failing cell, and a bench stopped and killed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import MASKKIT_CLI, write_medmnist_npz
+from PIL import Image
+
+from maskkit.bench.journal import read_journal
+from maskkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "=== maskkit bench"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_medmnist_npz(folder / "dermamnist.npz")
+    return folder
+
+
+def _environment(tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MASKKIT_PRIORS_DIR": str(tmp_path / "priors"),
+        "COLUMNS": "160",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _bench(tmp_path: Path, *args: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*MASKKIT_CLI, "bench", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_environment(tmp_path),
+    )
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO((out / "cells.csv").read_text())))
+
+
+@pytest.mark.slow
+def test_the_smoke_suite_runs_every_built_in_policy_and_writes_the_report(tmp_path, data_dir):
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    process = _bench(
+        tmp_path, ROOT / "benchmarks" / "smoke.yaml", "--data-dir", data_dir, "--out", out, "--workers", 2
+    )
+    output, _ = process.communicate(timeout=600)
+    seconds = time.perf_counter() - started
+    assert process.returncode == 0, output
+    rows = _rows(out)
+    policies = yaml.safe_load((ROOT / "benchmarks" / "smoke.yaml").read_text())["policies"]
+    assert [row["policy"] for row in rows] == policies
+    for row in rows:
+        assert row["status"] == "done", row
+        for metric in ("test_accuracy", "test_weighted_f1", "linear_probe_accuracy", "knn_accuracy"):
+            assert 0.0 <= float(row[metric]) <= 1.0, (row["policy"], metric)
+    markdown = (out / "results.md").read_text()
+    assert "## Paired difference to `random`" in markdown and "## Per class: dermamnist" in markdown
+    assert all(f"| `{policy}` |" in markdown for policy in policies)
+    with Image.open(out / "results.png") as image:
+        assert image.format == "PNG"
+    # The guided cells read the centre prior, built once, up front, in the store the test named.
+    assert len(list((tmp_path / "priors").rglob("*.safetensors"))) == 3  # train, val, test
+    print(f"smoke suite, 2 workers: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_reported_and_the_others_run_on(tmp_path, data_dir):
+    suite = {
+        "name": "failing",
+        "preset": "smoke",
+        "seeds": [0],
+        "config": {"pretrain": {"steps": 2}},
+        "datasets": [{"dataset": "dermamnist"}],
+        "policies": [{"policy": "random", "policy_options": {"no_such_option": 1}}, "none"],
+    }
+    (tmp_path / "failing.yaml").write_text(yaml.safe_dump(suite))
+    out = tmp_path / "out"
+    process = _bench(
+        tmp_path, tmp_path / "failing.yaml", "--data-dir", data_dir, "--out", out, "--workers", 2
+    )
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 1, output
+    assert "1 cell(s) failed" in output and "dermamnist/random/seed-0" in output
+    assert [row["status"] for row in _rows(out)] == ["failed", "done"]
+    log = out / "logs" / "dermamnist-random-seed0.log"
+    assert "no_such_option" in log.read_text()
+    assert f"`{log}`" in (out / "results.md").read_text()
+
+
+def _cell_processes(run_dir: Path) -> list[int]:
+    """Ids of the processes training ``run_dir`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(run_dir) in command and "train" in command:
+                found.append(int(entry.name))
+    return found
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "checkpoints" / "last.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc; the bench's kill -9 guard is Linux's"
+)
+def test_a_stopped_or_killed_bench_finishes_only_the_missing_cells(tmp_path, data_dir, monkeypatch, capsys):
+    suite = {
+        "name": "resume",
+        "preset": "smoke",
+        "seeds": [0],
+        # Long enough to be caught midway; a checkpoint every 5 steps.
+        "config": {"pretrain": {"steps": 400, "checkpoint_every": 5, "eval_every": 400}},
+        "datasets": [{"dataset": "dermamnist"}],
+        "policies": ["none", "random"],
+    }
+    suite_file = tmp_path / "resume.yaml"
+    suite_file.write_text(yaml.safe_dump(suite))
+    out = tmp_path / "out"
+    arguments = (suite_file, "--data-dir", data_dir, "--out", out, "--threads", 1)
+    first, second = (
+        out / "runs" / "dermamnist" / "none" / "seed-0",
+        out / "runs" / "dermamnist" / "random" / "seed-0",
+    )
+
+    # 1. SIGTERM while the second cell trains: it is stopped (SIGINT, a clean exit), the bench exits 143.
+    bench = _bench(tmp_path, *arguments)
+    _wait_for(lambda: _checkpoint_step(second) > 0, 300, "the second cell's first checkpoint")
+    assert (first / "summary.json").is_file()
+    finished = (first / "summary.json").stat().st_mtime_ns
+    bench.send_signal(signal.SIGTERM)
+    output, _ = bench.communicate(timeout=60)
+    assert bench.returncode == 128 + signal.SIGTERM, output
+    assert "stopped: run the same command again" in output
+    assert not _cell_processes(second)
+    log = out / "logs" / "dermamnist-random-seed0.log"
+    assert "interrupted: continue with" in log.read_text()
+    assert not (second / "summary.json").exists()
+
+    # 2. kill -9 of the bench while the cell resumes: the cell dies with it.
+    stopped_at = _checkpoint_step(second)
+    bench = _bench(tmp_path, *arguments)
+    _wait_for(lambda: _checkpoint_step(second) > stopped_at, 300, "a checkpoint of the resumed cell")
+    bench.kill()
+    bench.communicate(timeout=60)
+    _wait_for(lambda: not _cell_processes(second), 30, "the cell to follow the killed bench")
+    killed_at = _checkpoint_step(second)
+    assert 0 < stopped_at < killed_at < 400
+
+    # 3. Run again: only the missing cell runs, from its checkpoint, to the end.
+    bench = _bench(tmp_path, *arguments)
+    output, _ = bench.communicate(timeout=600)
+    assert bench.returncode == 0, output
+    assert "1 done, 1 to resume, 0 new" in output
+    text = log.read_text()
+    attempts = [line for line in text.splitlines() if line.startswith(HEADER)]
+    assert len(attempts) == 3 and ["train --resume" in line for line in attempts] == [False, True, True]
+    assert f"from its pretrain checkpoint at step {killed_at}" in text
+    assert (out / "logs" / "dermamnist-none-seed0.log").read_text().count(HEADER) == 1
+    assert (first / "summary.json").stat().st_mtime_ns == finished
+    assert [row["status"] for row in _rows(out)] == ["done", "done"]
+    invocations = {record["invocation"] for record in read_journal(out / "journal.jsonl")}
+    assert len(invocations) == 3
+
+    # Nothing left to run; the report can be rebuilt alone.
+    (out / "results.md").unlink()
+    monkeypatch.setattr(sys, "argv", ["maskkit", "bench", *map(str, arguments), "--dry-run"])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    assert ended.value.code == 0 and capsys.readouterr().out.count(" done ") == 2
+    monkeypatch.setattr(sys, "argv", ["maskkit", "bench", *map(str, arguments), "--report-only"])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    assert ended.value.code == 0 and (out / "results.md").is_file()
