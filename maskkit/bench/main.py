@@ -25,7 +25,7 @@ from .layout import SuiteLayout
 from .priors import build_missing_priors
 from .report import write_report
 from .runner import BenchStopped, CellPool, Outcome, stop_on_sigterm
-from .suite import load_suite
+from .suite import Suite, load_suite
 
 #: Exit status when a cell failed (the others ran on).
 EXIT_CELL_FAILED = 1
@@ -76,58 +76,62 @@ def run_bench(options: BenchOptions, console: Console) -> int:
     layout = SuiteLayout((options.out or suite.output_dir()).expanduser().resolve())
     cells = expand_grid(suite, layout, options.data_dir)
     chosen = select(cells, list(options.only))
-
-    def report() -> None:
-        spent = timings(read_journal(layout.journal))
-        paths = write_report(suite, options.suite_file, cells, collect(cells, spent), spent, layout)
-        console.print("report: " + ", ".join(f"[cyan]{escape(str(path))}[/]" for path in paths))
-
     if options.report_only:
-        report()
+        _report(suite, options.suite_file, cells, layout, console)
         return 0
     with exclusive(layout):
         states = {cell.key: cell.state() for cell in chosen}
         for cell in chosen:
             cell.check_saved_config()
         if options.dry_run:
-            _print_cells(chosen, states, console)
+            _print_cells(chosen, states, layout, console)
             return 0
         pending = [cell for cell in chosen if states[cell.key] != CellState.DONE]
         threads = options.threads or max(1, available_cpus() // options.workers)
         _announce_plan(suite.name, layout, chosen, states, options.workers, threads, console)
-        if not pending:
-            report()
-            return 0
-        shutil.copyfile(options.suite_file, layout.suite_copy)
-        journal = Journal(layout.journal)
-        journal.record("start", workers=options.workers, threads=threads, cells=len(pending))
-        started = time.perf_counter()
-        outcome, failed = "finished", []
         try:
-            with stop_on_sigterm():
-                build_missing_priors(pending, console)
-                pool = CellPool(options.workers, threads, journal, console)
-                outcomes = pool.run(pending, lambda result: _announce_cell(result, console))
-            failed = [result for result in outcomes if result.exit_code != 0]
-        except KeyboardInterrupt as interruption:
-            outcome = "stopped"
-            stopped_by = (
-                interruption.signal_number if isinstance(interruption, BenchStopped) else signal.SIGINT
-            )
-            console.print(
-                "stopped: run the same command again to resume the unfinished cells from their checkpoints"
-            )
-            return 128 + stopped_by
-        except BaseException:
-            outcome = "error"
-            raise
+            if not pending:
+                return 0
+            shutil.copyfile(options.suite_file, layout.suite_copy)
+            return _run_cells(pending, options.workers, threads, Journal(layout.journal), console)
         finally:
-            journal.record("finish", seconds=round(time.perf_counter() - started, 2), outcome=outcome)
-            report()
+            _report(suite, options.suite_file, cells, layout, console)
+
+
+def _run_cells(cells: list[Cell], workers: int, threads: int, journal: Journal, console: Console) -> int:
+    """Build the cells' priors, run them, and record the invocation in the journal."""
+    journal.record("start", workers=workers, threads=threads, cells=len(cells))
+    started = time.perf_counter()
+    outcome = "finished"
+    try:
+        with stop_on_sigterm():
+            build_missing_priors(cells, console)
+            outcomes = CellPool(workers, threads, journal, console).run(
+                cells, lambda result: _announce_cell(result, console)
+            )
+    except KeyboardInterrupt as interruption:
+        outcome = "stopped"
+        console.print(
+            "stopped: run the same command again to resume the unfinished cells from their checkpoints"
+        )
+        return 128 + (interruption.signal_number if isinstance(interruption, BenchStopped) else signal.SIGINT)
+    except BaseException:
+        outcome = "error"
+        raise
+    finally:
+        journal.record("finish", seconds=round(time.perf_counter() - started, 2), outcome=outcome)
+    failed = [result for result in outcomes if result.exit_code != 0]
     if failed:
         console.print(f"[red]{len(failed)} cell(s) failed[/]: " + ", ".join(r.cell.key for r in failed))
         return EXIT_CELL_FAILED
     return 0
+
+
+def _report(suite: Suite, suite_file: Path, cells: list[Cell], layout: SuiteLayout, console: Console) -> None:
+    """Rebuild the report of every cell of the suite from the run dirs and the journal."""
+    spent = timings(read_journal(layout.journal))
+    paths = write_report(suite, suite_file, cells, collect(cells, spent), spent, layout)
+    console.print("report: " + ", ".join(f"[cyan]{escape(str(path))}[/]" for path in paths))
 
 
 def _announce_plan(
@@ -160,10 +164,14 @@ def _announce_cell(outcome: Outcome, console: Console) -> None:
         )
 
 
-def _print_cells(cells: list[Cell], states: dict[str, CellState], console: Console) -> None:
-    table = Table(title=f"{len(cells)} cells")
-    for column in ("dataset", "policy", "seed", "state", "run dir"):
-        table.add_column(column)
+def _print_cells(
+    cells: list[Cell], states: dict[str, CellState], layout: SuiteLayout, console: Console
+) -> None:
+    table = Table(title=f"{len(cells)} cells, in {layout.root}/runs/<dataset>/<policy>/seed-<k>")
+    for column, values in (("dataset", [c.dataset for c in cells]), ("policy", [c.policy for c in cells])):
+        table.add_column(column, no_wrap=True, min_width=max(map(len, values), default=4))  # whole names
+    table.add_column("seed")
+    table.add_column("state")
     for cell in cells:
-        table.add_row(cell.dataset, cell.policy, str(cell.seed), states[cell.key].value, str(cell.run_dir))
+        table.add_row(cell.dataset, cell.policy, str(cell.seed), states[cell.key].value)
     console.print(table)
