@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,12 +17,25 @@ import pytest
 import yaml
 from helpers import MASKKIT_CLI, write_medmnist_npz
 from PIL import Image
+from rich.console import Console
 
-from maskkit.bench.journal import read_journal
+import maskkit.bench
+from maskkit.bench.cells import expand_grid
+from maskkit.bench.journal import Journal, read_journal
+from maskkit.bench.layout import SuiteLayout
+from maskkit.bench.runner import BenchStopped, CellPool, stop_on_sigterm
+from maskkit.bench.suite import load_suite
 from maskkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "=== maskkit bench"
+SMALL_SUITE = {
+    "name": "small",
+    "preset": "smoke",
+    "seeds": [0],
+    "config": {"pretrain": {"steps": 2}},
+    "datasets": [{"dataset": "dermamnist"}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +98,7 @@ def test_the_smoke_suite_runs_every_built_in_policy_and_writes_the_report(tmp_pa
 @pytest.mark.slow
 def test_a_failing_cell_is_reported_and_the_others_run_on(tmp_path, data_dir):
     suite = {
-        "name": "failing",
-        "preset": "smoke",
-        "seeds": [0],
-        "config": {"pretrain": {"steps": 2}},
-        "datasets": [{"dataset": "dermamnist"}],
+        **SMALL_SUITE,
         "policies": [{"policy": "random", "policy_options": {"no_such_option": 1}}, "none"],
     }
     (tmp_path / "failing.yaml").write_text(yaml.safe_dump(suite))
@@ -106,7 +116,7 @@ def test_a_failing_cell_is_reported_and_the_others_run_on(tmp_path, data_dir):
 
 
 def _cell_processes(run_dir: Path) -> list[int]:
-    """Ids of the processes training ``run_dir`` (Linux /proc)."""
+    """Ids of the processes whose command line names ``run_dir`` (Linux /proc)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -114,7 +124,7 @@ def _cell_processes(run_dir: Path) -> list[int]:
                 command = (entry / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if str(run_dir) in command and "train" in command:
+            if str(run_dir) in command and "pytest" not in command:
                 found.append(int(entry.name))
     return found
 
@@ -138,7 +148,7 @@ def _checkpoint_step(run_dir: Path) -> int:
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; the bench's kill -9 guard is Linux's"
 )
-def test_a_stopped_or_killed_bench_finishes_only_the_missing_cells(tmp_path, data_dir, monkeypatch, capsys):
+def test_a_killed_bench_finishes_only_the_missing_cells(tmp_path, data_dir, monkeypatch, capsys):
     suite = {
         "name": "resume",
         "preset": "smoke",
@@ -157,44 +167,29 @@ def test_a_stopped_or_killed_bench_finishes_only_the_missing_cells(tmp_path, dat
         out / "runs" / "dermamnist" / "random" / "seed-0",
     )
 
-    # 1. SIGTERM while the second cell trains: it is stopped (SIGINT, a clean exit), the bench exits 143.
+    # kill -9 of the bench while the second cell trains: the cell dies with it.
     bench = _bench(tmp_path, *arguments)
     _wait_for(lambda: _checkpoint_step(second) > 0, 300, "the second cell's first checkpoint")
-    assert (first / "summary.json").is_file()
-    finished = (first / "summary.json").stat().st_mtime_ns
-    bench.send_signal(signal.SIGTERM)
-    output, _ = bench.communicate(timeout=60)
-    assert bench.returncode == 128 + signal.SIGTERM, output
-    assert "stopped: run the same command again" in output
-    assert not _cell_processes(second)
-    log = out / "logs" / "dermamnist-random-seed0.log"
-    assert "interrupted: continue with" in log.read_text()
-    assert not (second / "summary.json").exists()
-
-    # 2. kill -9 of the bench while the cell resumes: the cell dies with it.
-    stopped_at = _checkpoint_step(second)
-    bench = _bench(tmp_path, *arguments)
-    _wait_for(lambda: _checkpoint_step(second) > stopped_at, 300, "a checkpoint of the resumed cell")
     bench.kill()
     bench.communicate(timeout=60)
     _wait_for(lambda: not _cell_processes(second), 30, "the cell to follow the killed bench")
-    killed_at = _checkpoint_step(second)
-    assert 0 < stopped_at < killed_at < 400
+    assert (first / "summary.json").is_file() and not (second / "summary.json").exists()
+    finished, killed_at = (first / "summary.json").stat().st_mtime_ns, _checkpoint_step(second)
+    assert 0 < killed_at < 400
 
-    # 3. Run again: only the missing cell runs, from its checkpoint, to the end.
+    # Run again: only the missing cell runs, from its checkpoint, to the end.
     bench = _bench(tmp_path, *arguments)
     output, _ = bench.communicate(timeout=600)
     assert bench.returncode == 0, output
     assert "1 done, 1 to resume, 0 new" in output
-    text = log.read_text()
+    text = (out / "logs" / "dermamnist-random-seed0.log").read_text()
     attempts = [line for line in text.splitlines() if line.startswith(HEADER)]
-    assert len(attempts) == 3 and ["train --resume" in line for line in attempts] == [False, True, True]
+    assert len(attempts) == 2 and ["train --resume" in line for line in attempts] == [False, True]
     assert f"from its pretrain checkpoint at step {killed_at}" in text
     assert (out / "logs" / "dermamnist-none-seed0.log").read_text().count(HEADER) == 1
     assert (first / "summary.json").stat().st_mtime_ns == finished
     assert [row["status"] for row in _rows(out)] == ["done", "done"]
-    invocations = {record["invocation"] for record in read_journal(out / "journal.jsonl")}
-    assert len(invocations) == 3
+    assert len({record["invocation"] for record in read_journal(out / "journal.jsonl")}) == 2
 
     # Nothing left to run; the report can be rebuilt alone.
     (out / "results.md").unlink()
@@ -206,3 +201,45 @@ def test_a_stopped_or_killed_bench_finishes_only_the_missing_cells(tmp_path, dat
     with pytest.raises(SystemExit) as ended:
         main()
     assert ended.value.code == 0 and (out / "results.md").is_file()
+
+
+# A stand-in for `maskkit train`: it trains until Ctrl-C, then exits as maskkit train does.
+FAKE_CELL = """
+import signal, sys, time
+def stop(*_):
+    print("interrupted", flush=True)
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+print("training", flush=True)
+time.sleep(120)
+"""
+
+
+def test_sigterm_stops_the_running_cells_cleanly_and_records_them(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_cell.py"
+    fake.write_text(FAKE_CELL)
+    monkeypatch.setattr(maskkit.bench, "CELL_CLI", [sys.executable, str(fake)])
+    suite = {**SMALL_SUITE, "policies": ["random", "blockwise", "none"]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    layout = SuiteLayout(tmp_path / "out")
+    cells = expand_grid(load_suite(tmp_path / "suite.yaml"), layout, data_dir=tmp_path)
+    pool = CellPool(2, 1, Journal(layout.journal), Console(quiet=True))
+
+    def terminate_when_both_train() -> None:
+        logs = [cell.log_file for cell in cells[:2]]
+        _wait_for(
+            lambda: all(log.is_file() and "training" in log.read_text() for log in logs), 60, "the cells"
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_both_train, daemon=True).start()
+    with pytest.raises(BenchStopped), stop_on_sigterm():
+        pool.run(cells, lambda outcome: None)
+    records = [record for record in read_journal(layout.journal) if record["event"] == "cell"]
+    assert [(record["cell"], record["exit_code"]) for record in records] == [
+        ("dermamnist/random/seed-0", 130),
+        ("dermamnist/blockwise/seed-0", 130),
+    ]
+    assert all("interrupted" in cell.log_file.read_text() for cell in cells[:2])
+    assert not cells[2].log_file.exists()  # the third never started
+    assert not _cell_processes(Path(str(fake)))
