@@ -1,4 +1,4 @@
-"""The ``maskkit`` command line: policies, priors, train, evaluate, visualize, config."""
+"""The ``maskkit`` command line: policies, priors, train, evaluate, visualize, bench, config."""
 
 from __future__ import annotations
 
@@ -316,6 +316,49 @@ def visualize(
     from maskkit.engine.inspect_run import visualize_run
 
     visualize_run(run_dir, num_images, output, seed, console)
+
+
+@app.command()
+def bench(
+    suite_file: Annotated[Path, typer.Argument(help="A suite file (benchmarks/*.yaml; docs/bench.md).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output dir (default: the suite's `output`, else runs/bench/<name>).")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Cells run side by side, each in its own process.")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads per cell (default: the CPUs / --workers).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="The data folder the suite's datasets are read under (its `data_dir`)."),
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only", help="Run only these cells: policy=mlo,random  dataset=...  seed=0 (repeatable)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the cells and their state; run nothing.")
+    ] = False,
+    report_only: Annotated[
+        bool,
+        typer.Option("--report-only", help="Rebuild cells.csv, results.md and results.png; run nothing."),
+    ] = False,
+) -> None:
+    """Run a benchmark suite: policies × datasets × seeds under one budget, then its report.
+
+    Finished cells are skipped and interrupted ones resume from their checkpoints, so running the
+    same command again finishes only what is missing. Exit status 1 when a cell failed.
+    """
+    from maskkit.bench.main import BenchOptions, run_bench
+
+    options = BenchOptions(
+        suite_file, out, workers, threads, data_dir, tuple(only or ()), dry_run, report_only
+    )
+    code = run_bench(options, console)
+    if code:
+        raise typer.Exit(code)
 
 
 @config_app.command("show")

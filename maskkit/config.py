@@ -103,7 +103,9 @@ class PretrainConfig(StrictModel):
     """Stage 1: MAE pretraining, three-level MLO when the policy is learnable.
 
     ``epochs`` counts passes of the pretrain level over all training images; ``steps`` (pretrain
-    level steps) overrides it when set. ``weighting`` says how a policy's weights enter the
+    level steps) overrides it when set, and ``steps: 0`` skips stage 1 altogether: stage 2 then
+    trains the freshly initialised ViT from scratch (the no-pretraining baseline; the policy takes
+    no part). ``weighting`` says how a policy's weights enter the
     pretrain loss (``maskkit/weighting.py``; ``reference`` is the paper's code).
     ``class_balanced`` weights the level-2 and level-3 cross-entropies by inverse class
     frequency.
@@ -112,7 +114,7 @@ class PretrainConfig(StrictModel):
     epochs: float = Field(1.0, gt=0)
     weighting: WeightingName = "hypergradient-only"
     class_balanced: bool = False
-    steps: int | None = Field(None, gt=0)
+    steps: int | None = Field(None, ge=0, description="0: no pretraining, a ViT from scratch")
     augment: Augment = "crop_flip"
     eval_every: int | None = Field(None, gt=0, description="pretrain steps between evaluations")
     checkpoint_every: int | None = Field(None, gt=0, description="pretrain steps between checkpoints")
@@ -170,6 +172,10 @@ class RunConfig(StrictModel):
     tensorboard: bool = Field(
         False,
         description="also write TensorBoard events to RUN_DIR/tensorboard (needs maskkit[tensorboard])",
+    )
+    protocols: bool = Field(
+        False,
+        description="also score the frozen pretrained encoder by a linear probe and k-NN (protocols.json)",
     )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -240,18 +246,23 @@ def parse_override(assignment: str) -> dict:
     return tree
 
 
-def format_validation_error(error: ValidationError) -> str:
-    """One line per problem: ``key.path: message (got value)``."""
+def format_validation_error(
+    error: ValidationError,
+    subject: str = "config",
+    keys_hint: str = "`maskkit config show` lists valid keys",
+) -> str:
+    """One line per problem: ``key.path: message (got value)``, after ``invalid <subject>:``;
+    an unknown key's message points at ``keys_hint``."""
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; `maskkit config show` lists valid keys)"
+            message = f"unknown key (check the spelling; {keys_hint})"
         got = item.get("input")
         shown = "" if isinstance(got, dict) or item["type"] == "extra_forbidden" else f" (got {got!r})"
         problems.append(f"{location}: {message}{shown}")
-    return "invalid config: " + "; ".join(problems)
+    return f"invalid {subject}: " + "; ".join(problems)
 
 
 def build_config(
@@ -273,6 +284,19 @@ def validate_config(raw: dict) -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
+
+
+def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
+    """The keys where two config dicts (``model_dump(mode="json")``) differ, each as
+    ``key.path (saved A, given B)``."""
+    keys = []
+    for key in saved.keys() | given.keys():
+        a, b = saved.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key} (saved {a!r}, given {b!r})")
+    return keys
 
 
 def config_to_yaml(config: RunConfig) -> str:

@@ -6,6 +6,8 @@ Layout::
       config.yaml        resolved config
       metrics.jsonl      one JSON record per logged step or epoch
       summary.json       final metrics (written at the end)
+      protocols.json     linear probe and k-NN of the frozen pretrained encoder (``protocols: true``;
+                         written just before summary.json)
       checkpoints/       see maskkit.checkpoint
       plots/             PNG figures
       tensorboard/       TensorBoard events of metrics.jsonl (``tensorboard: true``; see

@@ -13,6 +13,9 @@ from plugin_isolation import isolate_entry_points, sites_from_environment
 
 if __name__ == "__main__":
     isolate_entry_points(sites_from_environment())
+    import maskkit.bench
+
+    maskkit.bench.CELL_CLI[:] = [sys.executable, __file__]  # `maskkit bench`'s cells run isolated too
     from maskkit.cli import main
 
     sys.argv[0] = "maskkit"  # usage messages name the command as a user types it

@@ -14,7 +14,14 @@ import torch
 from rich.console import Console
 
 from maskkit.checkpoint import Checkpoint, checkpoint_path, load_checkpoint
-from maskkit.config import RunConfig, config_to_yaml, deep_merge, load_run_config, validate_config
+from maskkit.config import (
+    RunConfig,
+    config_differences,
+    config_to_yaml,
+    deep_merge,
+    load_run_config,
+    validate_config,
+)
 from maskkit.data import (
     ImageSplit,
     LabelledDataset,
@@ -37,6 +44,7 @@ from maskkit.distributed import (
 from maskkit.engine.context import RunContext
 from maskkit.engine.finetune import Finetuner, FinetuneResult
 from maskkit.engine.pretrain import Pretrainer, PretrainResult
+from maskkit.engine.protocols import frozen_encoder_protocols
 from maskkit.errors import ConfigError, TrainingDivergedError
 from maskkit.launch import note_run_dir
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
@@ -70,6 +78,9 @@ def build_models(
     head = ClassifierHead(config.model.embed_dim, num_classes, config.finetune.head_dropout).to(device)
     return mae, policy, head
 
+
+#: The linear probe's and k-NN's results in a run dir (``protocols: true``).
+PROTOCOLS_FILE = "protocols.json"
 
 # Keeps the stage-2 head's draw apart from the models' (seeded with the seed itself).
 STAGE2_HEAD_SEED_OFFSET = 7919
@@ -241,7 +252,7 @@ def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> Ru
     """The saved config with the allowed ``overrides`` applied; anything else is refused."""
     saved = config.model_dump(mode="json")
     merged = validate_config(deep_merge(saved, *overrides))
-    differing = sorted(_differences(saved, merged.model_dump(mode="json")))
+    differing = sorted(config_differences(saved, merged.model_dump(mode="json")))
     refused = [item for item in differing if item.split(" ")[0] not in ADJUSTABLE_ON_RESUME]
     if refused:
         raise ConfigError(
@@ -250,17 +261,6 @@ def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> Ru
             "or start a new run"
         )
     return merged
-
-
-def _differences(saved: dict, merged: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in saved.keys() | merged.keys():
-        a, b = saved.get(key), merged.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key} (saved {a!r}, given {b!r})")
-    return keys
 
 
 def _execute(
@@ -276,7 +276,7 @@ def _execute(
     verb = "resuming" if resume is not None else "starting"
     console.print(
         f"[bold]maskkit[/] {verb} run [cyan]{run.path}[/]: policy [green]{config.policy}[/] "
-        f"({_how_trained(policy)}), "
+        f"({_how_trained(policy, config)}), "
         f"{config.data.dataset} ({len(context.splits.pretrain)} train / {len(context.splits.test)} test), "
         f"device {context.device}"
         + (f" (rank 0 of {world_size()} processes)" if world_size() > 1 else "")
@@ -312,7 +312,9 @@ def _execute(
     _finish(context, classifier, pretrain_summary, finetuned)
 
 
-def _how_trained(policy: MaskPolicy) -> str:
+def _how_trained(policy: MaskPolicy, config: RunConfig) -> str:
+    if config.pretrain.steps == 0:
+        return "no pretraining: pretrain.steps=0, the ViT is trained from scratch"
     if policy.learnable:
         return "learnable, three-level MLO"
     if any(True for _ in policy.pretrain_parameters()):
@@ -371,6 +373,19 @@ def _finish(
     }
     if not run.writer:  # rank 0 writes the summary and the plots
         return
+    if config.protocols:  # before the summary: a run with a summary has all its results
+        protocols = frozen_encoder_protocols(context)
+        run.write_json(PROTOCOLS_FILE, protocols)
+        summary["protocols"] = {
+            name: {key: protocols[name]["test"][key] for key in ("accuracy", "weighted_f1", "macro_f1")}
+            for name in ("linear_probe", "knn")
+        }
+        context.console.print(
+            "frozen pretrained encoder: linear probe test accuracy "
+            f"{protocols['linear_probe']['test']['accuracy']:.4f} (C {protocols['linear_probe']['C']:g}), "
+            f"k-NN {protocols['knn']['test']['accuracy']:.4f} (k {protocols['knn']['k']})",
+            highlight=False,
+        )
     run.write_json("summary.json", summary)
     write_plots(run, test_metrics)
     context.console.print(f"summary: [cyan]{run.summary_path}[/]  plots: [cyan]{run.plots}[/]")

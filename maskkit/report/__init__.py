@@ -4,6 +4,7 @@ from maskkit.report.metrics import classification_metrics, metrics_table, print_
 from maskkit.report.plots import (
     plot_bar_comparison,
     plot_confusion_matrix,
+    plot_grouped_bars,
     plot_mask_grid,
     plot_training_curves,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "metrics_table",
     "plot_bar_comparison",
     "plot_confusion_matrix",
+    "plot_grouped_bars",
     "plot_mask_grid",
     "plot_training_curves",
     "print_metrics",

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 __all__ = [
     "plot_bar_comparison",
     "plot_confusion_matrix",
+    "plot_grouped_bars",
     "plot_mask_grid",
     "plot_training_curves",
 ]
@@ -484,4 +485,68 @@ def plot_bar_comparison(
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+    return _save(fig, path, dpi)
+
+
+# --------------------------------------------------------------------------- grouped bars
+
+
+def plot_grouped_bars(
+    panels: Mapping[str, Mapping[str, Mapping[str, tuple[float, float | None]]]],
+    path: Path,
+    ylabel: str,
+    title: str,
+    *,
+    dpi: int = DEFAULT_DPI,
+) -> Path:
+    """Grouped bar charts with error bars, one panel per key of ``panels`` (stacked).
+
+    Args:
+        panels: panel title (e.g. a dataset) → group name (e.g. a policy) → series name (e.g. a
+            metric) → ``(height, error)``; the error bar spans ± error (None: no bar). Groups
+            and series are drawn in the order they first appear; a series a group lacks leaves
+            a gap. Non-finite heights are left out.
+        path: where to write the PNG.
+        ylabel: y-axis label of every panel.
+        title: figure title.
+        dpi: resolution of the PNG.
+
+    Returns:
+        ``path``.
+    """
+    if not panels or not any(panels.values()):
+        return _save(_message_figure("no values", title), path, dpi)
+    series: list[str] = []
+    for groups in panels.values():
+        for values in groups.values():
+            series += [name for name in values if name not in series]
+    largest = max(len(groups) for groups in panels.values())
+    width = 0.8 / max(1, len(series))
+    fig = Figure(
+        figsize=(max(6.0, 0.25 * largest * len(series) + 2.0), 3.6 * len(panels) + 0.6), layout="constrained"
+    )
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (panel, groups) in zip(axes, panels.items(), strict=True):
+        names = list(groups)
+        for index, name in enumerate(series):
+            offsets, heights, errors = [], [], []
+            for position, group in enumerate(names):
+                height, error = groups[group].get(name, (float("nan"), None))
+                if _is_number(height) and math.isfinite(height):
+                    offsets.append(position + (index - (len(series) - 1) / 2) * width)
+                    heights.append(float(height))
+                    errors.append(float(error) if _is_number(error) and math.isfinite(error) else 0.0)
+            ax.bar(
+                offsets, heights, width, yerr=errors, capsize=2, color=f"C{index % 10}",
+                label=name, error_kw={"elinewidth": 0.8},
+            )  # fmt: skip
+        labels = [_short(name, 24) for name in names]
+        ax.set_xticks(range(len(names)), labels, rotation=35, ha="right", rotation_mode="anchor")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(series)), fontsize=8)
+    fig.suptitle(title)
     return _save(fig, path, dpi)

@@ -1,0 +1,27 @@
+"""``maskkit bench``: compare masking policies fairly, over a grid of policies × datasets × seeds.
+
+One concept per module:
+
+- :mod:`~maskkit.bench.suite`: the suite file's schema and validation;
+- :mod:`~maskkit.bench.layout`: where cells and outputs live under the output dir;
+- :mod:`~maskkit.bench.cells`: the grid's cells, their configs, states and ``maskkit train`` commands;
+- :mod:`~maskkit.bench.priors`: the guided cells' priors, built once up front;
+- :mod:`~maskkit.bench.runner`: the pool that runs cells side by side, and stops them cleanly;
+- :mod:`~maskkit.bench.journal`: the record of invocations and attempts (wall times);
+- :mod:`~maskkit.bench.aggregate`: results read back from the run dirs, and the statistics;
+- :mod:`~maskkit.bench.report`: ``cells.csv``, ``results.md`` and ``results.png``;
+- :mod:`~maskkit.bench.main`: the command itself.
+
+The linear probe and k-NN protocols are part of a run (``protocols: true``,
+:mod:`maskkit.engine.protocols`), so that a cell's process computes them on the data it has
+loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+
+#: How a cell runs ``maskkit``: this interpreter and the CLI module, read when a cell starts. (The
+#: tests point it at their plugin-isolating wrapper, tests/isolated_cli.py.) Kept here, away from
+#: the heavy modules, so that setting it costs no imports.
+CELL_CLI: list[str] = [sys.executable, "-m", "maskkit.cli"]

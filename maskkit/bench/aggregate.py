@@ -1,0 +1,194 @@
+"""A suite's results, read back from its cells' run dirs, and the statistics over seeds.
+
+Every number comes from the files a cell's run wrote (``summary.json``, ``protocols.json``) and
+the suite's journal (wall times), so a report can be rebuilt at any time, also while cells run.
+
+Statistics, per policy and dataset, over the seeds present:
+
+- mean ± sample standard deviation (``ddof=1``; none with one seed);
+- the **paired difference** to the baseline policy: ``d_s = x_policy(s) − x_baseline(s)`` over
+  the seeds ``s`` both have finished, its mean, and the 95 % Student-t interval
+  ``mean(d) ± t(0.975, n − 1) · sd(d) / √n``; with fewer than two pairs there is no interval.
+  The pairing removes what a seed does to every policy alike (the initial weights, the head,
+  the data order), so it is tighter than comparing the two means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from maskkit.engine.run import PROTOCOLS_FILE
+from maskkit.rundir import RunDir
+
+from .cells import Cell, CellState
+from .journal import Timings
+
+#: The metrics of a cell, in the report's order: CSV column → title.
+METRICS: dict[str, str] = {
+    "test_accuracy": "fine-tune accuracy",
+    "test_weighted_f1": "fine-tune weighted F1",
+    "test_macro_f1": "fine-tune macro F1",
+    "linear_probe_accuracy": "linear-probe accuracy",
+    "knn_accuracy": "k-NN accuracy",
+}
+#: The metrics of the mean ± std and paired-difference tables (and the plot).
+HEADLINE_METRICS = ("test_accuracy", "test_weighted_f1", "linear_probe_accuracy", "knn_accuracy")
+
+
+@dataclass
+class CellResult:
+    """What one cell produced.
+
+    Attributes:
+        status: ``done``; ``failed`` (its last attempt exited non-zero), ``partial`` (started,
+            not finished) or ``missing`` (never started).
+        metrics: :data:`METRICS` → value in [0, 1], for a finished cell.
+        per_class: the test metrics per class (``summary.json`` → ``test.per_class``).
+        train_seconds: stage 1 + stage 2 as the run measured them (over its resumes).
+        cell_seconds: the wall time of the cell's recorded attempts (start-up, data, training,
+            protocols), from the journal; None if the journal has none.
+        exit_code: the last attempt's exit code, if any.
+    """
+
+    dataset: str
+    policy: str
+    seed: int
+    status: str
+    run_dir: Path
+    log: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float | None = None
+    cell_seconds: float | None = None
+    exit_code: int | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+
+
+def collect(cells: list[Cell], timings: Timings) -> list[CellResult]:
+    """One :class:`CellResult` per cell, in the grid's order."""
+    results = []
+    for cell in cells:
+        attempts = timings.attempts.get(cell.key, [])
+        exit_code = attempts[-1]["exit_code"] if attempts else None
+        state = cell.state()
+        if state == CellState.DONE:
+            status = "done"
+        elif exit_code not in (None, 0):
+            status = "failed"
+        else:
+            status = "partial" if state == CellState.PARTIAL else "missing"
+        result = CellResult(
+            cell.dataset,
+            cell.policy,
+            cell.seed,
+            status,
+            cell.run_dir,
+            cell.log_file,
+            cell_seconds=timings.cell_seconds.get(cell.key),
+            exit_code=exit_code,
+        )
+        if status == "done":
+            _read_results(result, RunDir(cell.run_dir))
+        results.append(result)
+    return results
+
+
+def _read_results(result: CellResult, run: RunDir) -> None:
+    summary = run.read_json("summary.json")
+    test = summary["test"]
+    result.metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_weighted_f1": test["weighted_f1"],
+        "test_macro_f1": test["macro_f1"],
+    }
+    protocols_path = run.path / PROTOCOLS_FILE
+    if protocols_path.is_file():
+        protocols = json.loads(protocols_path.read_text())
+        result.metrics["linear_probe_accuracy"] = protocols["linear_probe"]["test"]["accuracy"]
+        result.metrics["knn_accuracy"] = protocols["knn"]["test"]["accuracy"]
+    result.per_class = test.get("per_class", [])
+    result.train_seconds = summary.get("wall_time_s")
+    result.environment = summary.get("environment", {})
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and sample standard deviation of ``n`` values (``std`` None when ``n < 2``)."""
+
+    mean: float
+    std: float | None
+    n: int
+
+
+def spread(values: list[float]) -> Spread | None:
+    """The :class:`Spread` of ``values``; None for no values."""
+    if not values:
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else None
+    return Spread(float(array.mean()), std, len(array))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of the per-seed differences ``policy − baseline`` over ``n`` seeds, and its
+    ``confidence`` Student-t interval ``(low, high)`` (None when ``n < 2``)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
+
+
+def paired_difference(
+    values: dict[int, float], baseline: dict[int, float], confidence: float = 0.95
+) -> PairedDifference | None:
+    """The paired difference of two policies' values by seed (seed → value), over the seeds
+    both have; None when they share none."""
+    seeds = sorted(values.keys() & baseline.keys())
+    if not seeds:
+        return None
+    differences = np.asarray([values[seed] - baseline[seed] for seed in seeds], dtype=np.float64)
+    mean, n = float(differences.mean()), len(differences)
+    if n < 2:
+        return PairedDifference(mean, None, None, n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * float(differences.std(ddof=1)) / math.sqrt(n)
+    return PairedDifference(mean, mean - half, mean + half, n)
+
+
+def by_seed(results: list[CellResult], dataset: str, policy: str, metric: str) -> dict[int, float]:
+    """seed → ``metric`` of the finished cells of ``dataset`` × ``policy``."""
+    return {
+        result.seed: result.metrics[metric]
+        for result in results
+        if result.dataset == dataset and result.policy == policy and metric in result.metrics
+    }
+
+
+def mean_per_class(results: list[CellResult], dataset: str, policy: str, key: str) -> dict[str, float]:
+    """class name → mean of its per-class ``key`` (``recall``, ``f1`` …) over the finished seeds."""
+    rows: dict[str, list[float]] = {}
+    for result in results:
+        if result.dataset == dataset and result.policy == policy:
+            for row in result.per_class:
+                rows.setdefault(row["class"], []).append(float(row[key]))
+    return {name: float(np.mean(values)) for name, values in rows.items()}
+
+
+def class_support(results: list[CellResult], dataset: str) -> dict[str, int]:
+    """class name → test images of the class (from any finished cell of ``dataset``)."""
+    for result in results:
+        if result.dataset == dataset and result.per_class:
+            return {row["class"]: int(row["support"]) for row in result.per_class}
+    return {}

@@ -1,0 +1,323 @@
+"""A suite's report: ``cells.csv``, ``results.md`` and ``results.png`` in its output dir.
+
+Rebuilt from the run dirs and the journal (:mod:`maskkit.bench.aggregate`) whenever ``maskkit
+bench`` finishes, stops or is asked with ``--report-only``; every file is replaced whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from maskkit.report import plot_grouped_bars
+from maskkit.rundir import atomic_write_text
+
+from .aggregate import (
+    HEADLINE_METRICS,
+    METRICS,
+    CellResult,
+    PairedDifference,
+    Spread,
+    by_seed,
+    class_support,
+    mean_per_class,
+    paired_difference,
+    spread,
+)
+from .cells import Cell
+from .journal import Timings
+from .layout import SuiteLayout
+from .suite import Suite
+
+#: Titles of the headline metrics in tables and the plot.
+SHORT_TITLES = {
+    "test_accuracy": "fine-tune acc.",
+    "test_weighted_f1": "fine-tune weighted F1",
+    "linear_probe_accuracy": "linear probe acc.",
+    "knn_accuracy": "k-NN acc.",
+}
+CSV_COLUMNS = (
+    "dataset",
+    "policy",
+    "seed",
+    "status",
+    *METRICS,
+    "train_seconds",
+    "cell_seconds",
+    "exit_code",
+    "run_dir",
+    "log",
+)
+
+
+def write_report(
+    suite: Suite,
+    suite_file: Path,
+    cells: list[Cell],
+    results: list[CellResult],
+    timings: Timings,
+    layout: SuiteLayout,
+) -> list[Path]:
+    """Write the CSV, the Markdown and the PNG; returns their paths."""
+    atomic_write_text(layout.csv, cells_csv(results))
+    atomic_write_text(layout.markdown, results_markdown(suite, suite_file, cells, results, timings, layout))
+    plot_grouped_bars(
+        {dataset: _plot_groups(results, dataset, suite.policy_labels) for dataset in suite.dataset_labels},
+        layout.plot,
+        "test %, mean ± std over seeds",
+        f"maskkit bench {suite.name}",
+    )
+    return [layout.csv, layout.markdown, layout.plot]
+
+
+def cells_csv(results: list[CellResult]) -> str:
+    """One row per cell: :data:`CSV_COLUMNS`; metrics as fractions in [0, 1], times in seconds."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        row = {
+            "dataset": result.dataset,
+            "policy": result.policy,
+            "seed": result.seed,
+            "status": result.status,
+            "train_seconds": result.train_seconds,
+            "cell_seconds": None if result.cell_seconds is None else round(result.cell_seconds, 2),
+            "exit_code": result.exit_code,
+            "run_dir": result.run_dir,
+            "log": result.log,
+        }
+        row.update({metric: result.metrics.get(metric) for metric in METRICS})
+        writer.writerow({key: "" if value is None else value for key, value in row.items()})
+    return buffer.getvalue()
+
+
+def _plot_groups(
+    results: list[CellResult], dataset: str, policies: list[str]
+) -> dict[str, dict[str, tuple[float, float | None]]]:
+    groups = {}
+    for policy in policies:
+        values = {}
+        for metric in HEADLINE_METRICS:
+            found = spread(list(by_seed(results, dataset, policy, metric).values()))
+            if found is not None:
+                values[SHORT_TITLES[metric]] = (
+                    100 * found.mean,
+                    None if found.std is None else 100 * found.std,
+                )
+        if values:
+            groups[policy] = values
+    return groups
+
+
+def _percent(found: Spread | None) -> str:
+    if found is None:
+        return "–"
+    if found.std is None:
+        return f"{100 * found.mean:.2f}"
+    return f"{100 * found.mean:.2f} ± {100 * found.std:.2f}"
+
+
+def _difference(found: PairedDifference | None) -> str:
+    """Percentage points: ``+0.42 [−0.31, +1.15]``, bold when the interval excludes 0."""
+    if found is None:
+        return "–"
+    mean = f"{100 * found.mean:+.2f}".replace("-", "−")
+    if found.low is None or found.high is None:
+        return f"{mean} [n/a]"
+    low, high = (f"{100 * value:+.2f}".replace("-", "−") for value in (found.low, found.high))
+    text = f"{mean} [{low}, {high}]"
+    return f"**{text}**" if found.excludes_zero else text
+
+
+def _clock(seconds: float | None) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on."""
+    if seconds is None:
+        return "–"
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> list[str]:
+    align = ["---" if index < right_from else "--:" for index in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def results_markdown(
+    suite: Suite,
+    suite_file: Path,
+    cells: list[Cell],
+    results: list[CellResult],
+    timings: Timings,
+    layout: SuiteLayout,
+) -> str:
+    """The report as Markdown: the set-up, mean ± std, paired differences to the baseline,
+    per-class tables, wall times and the cells that did not finish."""
+    done = [result for result in results if result.status == "done"]
+    counts = {status: sum(r.status == status for r in results) for status in ("failed", "partial", "missing")}
+    lines = [f"# Benchmark suite `{suite.name}`", ""]
+    if suite.description:
+        lines += [suite.description.strip(), ""]
+    lines += _setup(suite, suite_file, cells, done, counts, len(results))
+    lines += ["", "## Mean ± std over seeds", ""]
+    lines += [
+        "Test metrics in %: the fine-tuned model (stage 2, end to end), then the frozen pretrained "
+        "encoder's linear probe and k-NN classifier (hyper-parameters chosen on val). `none` is "
+        "the ViT trained from scratch by the same stage 2.",
+    ]
+    for dataset in suite.dataset_labels:
+        rows = []
+        for policy in suite.policy_labels:
+            seeds = len(by_seed(results, dataset, policy, "test_accuracy"))
+            rows.append(
+                [f"`{policy}`", str(seeds)]
+                + [_percent(spread(list(by_seed(results, dataset, policy, m).values()))) for m in METRICS]
+            )
+        lines += ["", f"### {dataset}", ""]
+        lines += _table(["policy", "seeds", *METRICS.values()], rows, right_from=1)
+    lines += _differences(suite, results)
+    for entry in suite.datasets:
+        if entry.per_class:
+            lines += _per_class(suite, results, entry.label)
+    lines += _wall_times(suite, results, timings)
+    lines += _unfinished(results)
+    return "\n".join(lines) + "\n"
+
+
+def _setup(
+    suite: Suite, suite_file: Path, cells: list[Cell], done: list[CellResult], counts: dict, total: int
+) -> list[str]:
+    first = cells[0].config
+    model = first.model
+    environment = done[0].environment if done else {}
+    ran_on = (
+        f" Cells ran on {environment.get('device_name', '?')} ({environment.get('device', '?')}), "
+        f"torch {environment.get('torch', '?')}, {environment.get('threads', '?')} thread(s) per cell."
+        if environment
+        else ""
+    )
+    pending = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+    return [
+        f"Suite file `{suite_file}`, preset `{suite.preset}` with the suite's `config`; "
+        f"{len(suite.policy_labels)} policies × {len(suite.dataset_labels)} datasets × seeds "
+        f"{', '.join(map(str, suite.seeds))}. Model: ViT {model.embed_dim}×{model.depth} at patch "
+        f"{model.patch_size} on {model.img_size} px, decoder {model.decoder_embed_dim}×"
+        f"{model.decoder_depth}; every cell's full config is `configs/<dataset>-<policy>-seed<k>.yaml` "
+        "and its run dir's `config.yaml`.",
+        "",
+        f"{len(done)} of {total} cells finished" + (f" ({pending})" if pending else "") + "."
+        f"{ran_on} Report written {time.strftime('%Y-%m-%d %H:%M')}.",
+    ]
+
+
+def _differences(suite: Suite, results: list[CellResult]) -> list[str]:
+    baseline = suite.baseline_label
+    if baseline is None:
+        return []
+    lines = [
+        "",
+        f"## Paired difference to `{baseline}`",
+        "",
+        f"Mean over seeds of (policy − `{baseline}`) on the same seed, in percentage points, with "
+        "its 95 % Student-t interval; **bold** where the interval excludes 0, `n/a` with one seed.",
+    ]
+    titles = [SHORT_TITLES[m] for m in HEADLINE_METRICS]
+    for dataset in suite.dataset_labels:
+        rows = []
+        for policy in suite.policy_labels:
+            if policy == baseline:
+                continue
+            found = {
+                metric: paired_difference(
+                    by_seed(results, dataset, policy, metric), by_seed(results, dataset, baseline, metric)
+                )
+                for metric in HEADLINE_METRICS
+            }
+            pairs = max((d.n for d in found.values() if d is not None), default=0)
+            rows.append([f"`{policy}`", str(pairs)] + [_difference(found[m]) for m in HEADLINE_METRICS])
+        lines += ["", f"### {dataset}", ""]
+        lines += _table(["policy", "pairs", *titles], rows)
+    return lines
+
+
+def _per_class(suite: Suite, results: list[CellResult], dataset: str) -> list[str]:
+    support = class_support(results, dataset)
+    if not support:
+        return []
+    names = list(support)
+    rows = []
+    for policy in suite.policy_labels:
+        recall = mean_per_class(results, dataset, policy, "recall")
+        rows.append(
+            [f"`{policy}`"] + [f"{100 * recall[name]:.1f}" if name in recall else "–" for name in names]
+        )
+    return [
+        "",
+        f"## Per class: {dataset}",
+        "",
+        "Test recall per class in % (the fine-tuned model), mean over seeds; the header gives each "
+        "class's test images.",
+        "",
+        *_table(["policy", *(f"{name} ({support[name]})" for name in names)], rows),
+    ]
+
+
+def _wall_times(suite: Suite, results: list[CellResult], timings: Timings) -> list[str]:
+    seeds = suite.seeds
+    rows = []
+    for result_group in _grouped(results):
+        first = result_group[0]
+        by = {result.seed: result for result in result_group}
+        cells = [_clock(by[seed].cell_seconds) if seed in by else "–" for seed in seeds]
+        trained = [r.train_seconds for r in result_group if r.train_seconds is not None]
+        rows.append(
+            [
+                first.dataset,
+                f"`{first.policy}`",
+                *cells,
+                _clock(sum(trained) / len(trained) if trained else None),
+            ]
+        )
+    recorded = sum(result.cell_seconds or 0.0 for result in results)
+    return [
+        "",
+        "## Wall time",
+        "",
+        f"Suite: {_duration(timings.suite_seconds)} of `maskkit bench` over {timings.invocations} "
+        f"invocation(s); the cells' own wall times add up to {_duration(recorded)}.",
+        "",
+        "Wall time per cell (m:ss): the cell's `maskkit train` processes (start-up, data, both stages, the "
+        "protocols; every attempt the bench recorded), and the mean of stage 1 + stage 2 alone as the "
+        "runs measured them.",
+        "",
+        *_table(["dataset", "policy", *(f"seed {seed}" for seed in seeds), "training (mean)"], rows, 2),
+    ]
+
+
+def _grouped(results: list[CellResult]) -> list[list[CellResult]]:
+    groups: dict[tuple[str, str], list[CellResult]] = {}
+    for result in results:
+        groups.setdefault((result.dataset, result.policy), []).append(result)
+    return list(groups.values())
+
+
+def _unfinished(results: list[CellResult]) -> list[str]:
+    unfinished = [result for result in results if result.status != "done"]
+    if not unfinished:
+        return []
+    lines = ["", "## Cells not finished", ""]
+    for result in unfinished:
+        detail = f"exit code {result.exit_code}, " if result.status == "failed" else ""
+        lines.append(
+            f"- {result.dataset}/{result.policy}/seed-{result.seed}: **{result.status}** ({detail}log "
+            f"`{result.log}`)"
+        )
+    return lines

@@ -1,0 +1,219 @@
+"""Suite files: validation up front (one line, exit 2), and the grid of cells they expand to."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import MASKKIT_CLI
+
+from maskkit.bench.cells import CellState, expand_grid, select
+from maskkit.bench.layout import SuiteLayout
+from maskkit.bench.suite import load_suite
+from maskkit.cli import main
+from maskkit.config import load_run_config
+from maskkit.errors import ConfigError, UnknownNameError
+from maskkit.plugins import get_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GRID = {
+    "name": "grid",
+    "preset": "smoke",
+    "seeds": [0, 1],
+    "prior": "center",
+    "config": {"pretrain": {"steps": 3}},
+    "datasets": [
+        {"dataset": "dermamnist", "config": {"data": {"subset": 32}}},
+        {"name": "folder", "dataset": "imagefolder", "data_dir": "tiny-folder"},
+    ],
+    "policies": [
+        "none",
+        "random",
+        "semantic-soft",
+        {"name": "mlo-wide", "policy": "mlo", "policy_options": {}},
+    ],
+}
+
+
+def _suite_file(tmp_path: Path, suite: dict, name: str = "suite.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def _user_error(monkeypatch, capsys, *args: str) -> str:
+    """Run ``maskkit ARGS`` in this process; it must end in one ``error:`` line and exit code 2."""
+    monkeypatch.setattr(sys, "argv", ["maskkit", *map(str, args)])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    captured = capsys.readouterr()
+    assert ended.value.code == 2, captured.err + captured.out
+    message = " ".join(captured.err.split())
+    assert message.startswith("error:") and "Traceback" not in captured.err, captured.err
+    assert message.count("error:") == 1
+    return message
+
+
+def test_a_bad_suite_file_is_one_line_and_exit_2_in_a_real_process(tmp_path):
+    broken = _suite_file(tmp_path, {**GRID, "policies": ["random", "no-such-policy"]})
+    result = subprocess.run(
+        [*MASKKIT_CLI, "bench", str(broken), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error:") and "unknown policy 'no-such-policy'" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        ({"datasets": [{"dataset": "nomnist"}]}, ["unknown dataset 'nomnist'", "dermamnist"]),
+        ({"seed": [0]}, ["invalid suite file", "seed: unknown key", "docs/bench.md"]),
+        ({"seeds": []}, ["seeds"]),
+        ({"seeds": [0, 0]}, ["seeds repeat"]),
+        ({"preset": "huge"}, ["unknown preset"]),
+        ({"baseline": "mlo-light"}, ["baseline 'mlo-light' is not a policy"]),
+        (
+            {"config": {"pretrain": {"stepz": 3}}},
+            ["cell dermamnist/none/seed-0", "pretrain.stepz: unknown key"],
+        ),
+        ({"config": {"finetune": {"lr": -1}}}, ["cell dermamnist/none/seed-0", "finetune.lr"]),
+        ({"config": {"seed": 5}}, ["sets seed, which the grid decides"]),
+        ({"config": {"data": {"dataset": "cifar10"}}}, ["sets data.dataset"]),
+        ({"prior": None}, ["cell dermamnist/semantic-soft/seed-0", "pick a provider with --prior"]),
+        ({"policies": ["random", {"policy": "random", "prior": "center"}]}, ["label(s) random appear twice"]),
+        ({"policies": [{"policy": "random", "name": "a/b"}]}, ["policies.0.name"]),
+        (
+            {"policies": [{"policy": "none", "policy_options": {"x": 1}}]},
+            ["'none' (no pretraining) takes no"],
+        ),
+    ],
+)
+def test_every_problem_of_a_suite_is_one_line_before_anything_runs(
+    monkeypatch, capsys, tmp_path, change, fragments
+):
+    path = _suite_file(tmp_path, {**GRID, **change})
+    message = _user_error(
+        monkeypatch, capsys, "bench", path, "--out", tmp_path / "out", "--data-dir", tmp_path
+    )
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_mistakes(monkeypatch, capsys, tmp_path):
+    message = _user_error(monkeypatch, capsys, "bench", tmp_path / "absent.yaml")
+    assert "absent.yaml does not exist" in message
+    path = _suite_file(tmp_path, GRID)
+    message = _user_error(
+        monkeypatch, capsys, "bench", path, "--only", "policy=nope", "--out", tmp_path / "o"
+    )
+    assert "--only policy: nope not in the suite" in message
+    message = _user_error(monkeypatch, capsys, "bench", path, "--only", "colour=red", "--out", tmp_path / "o")
+    assert "--only expects" in message
+
+
+def test_the_grid_gives_every_cell_the_same_budget(tmp_path):
+    layout = SuiteLayout(tmp_path / "out")
+    cells = expand_grid(load_suite(_suite_file(tmp_path, GRID)), layout, data_dir=tmp_path / "data")
+    assert [cell.key for cell in cells[:3]] == [
+        "dermamnist/none/seed-0",
+        "dermamnist/none/seed-1",
+        "dermamnist/random/seed-0",
+    ]
+    assert len(cells) == 2 * 4 * 2 and len({cell.run_dir for cell in cells}) == len(cells)
+    by_key = {cell.key: cell.config for cell in cells}
+    # `none`: any fixed policy with no pretraining at all.
+    none = by_key["dermamnist/none/seed-1"]
+    assert (none.policy, none.pretrain.steps, none.prior, none.seed) == ("random", 0, None, 1)
+    guided = by_key["folder/semantic-soft/seed-0"]
+    assert (guided.prior, guided.data.build_priors) == ("center", True)
+    assert by_key["folder/mlo-wide/seed-0"].policy == "mlo" and by_key["folder/random/seed-0"].prior is None
+    # Data folders: a dataset's data_dir under --data-dir, made absolute.
+    assert by_key["folder/random/seed-0"].data.data_dir == (tmp_path / "data" / "tiny-folder").resolve()
+    assert by_key["dermamnist/random/seed-0"].data.data_dir == (tmp_path / "data").resolve()
+    assert all(config.protocols for config in by_key.values())
+    # Fairness: within a dataset, cells differ only in what the grid names.
+    grid_keys = {"policy", "policy_options", "prior", "prior_options", "seed"}
+    for dataset in ("dermamnist", "folder"):
+        shared = []
+        for key, config in by_key.items():
+            if key.startswith(dataset + "/"):
+                dump = config.model_dump(mode="json")
+                dump["data"].pop("build_priors")
+                if key.split("/")[1] == "none":
+                    dump["pretrain"]["steps"] = 3  # its one difference: no pretraining
+                shared.append({name: value for name, value in dump.items() if name not in grid_keys})
+        assert all(item == shared[0] for item in shared)
+    # A dataset's own overrides reach its cells only (the smoke preset's subset is 256).
+    assert by_key["dermamnist/random/seed-0"].data.subset == 32
+    assert by_key["folder/random/seed-0"].data.subset == 256
+
+
+def test_only_selects_cells(tmp_path):
+    cells = expand_grid(load_suite(_suite_file(tmp_path, GRID)), SuiteLayout(tmp_path), data_dir=tmp_path)
+    chosen = select(cells, ["policy=random,none", "seed=1"])
+    assert [cell.key for cell in chosen] == [
+        "dermamnist/none/seed-1",
+        "dermamnist/random/seed-1",
+        "folder/none/seed-1",
+        "folder/random/seed-1",
+    ]
+
+
+def test_a_run_dir_from_another_suite_is_refused(tmp_path):
+    suite = load_suite(_suite_file(tmp_path, GRID))
+    cell = expand_grid(suite, SuiteLayout(tmp_path / "out"), data_dir=tmp_path)[2]
+    assert cell.state() == CellState.NEW
+    cell.prepare_new()
+    # What `maskkit train --config` saves: the cell's own config; another data folder is fine.
+    cell.run_dir.mkdir(parents=True)
+    saved = cell.config.model_copy(
+        update={"data": cell.config.data.model_copy(update={"data_dir": Path("/else")})}
+    )
+    (cell.run_dir / "config.yaml").write_text(yaml.safe_dump(saved.model_dump(mode="json")))
+    assert cell.state() == CellState.PARTIAL and load_run_config(cell.run_dir / "config.yaml").seed == 0
+    cell.check_saved_config()
+    edited = {**GRID, "config": {"pretrain": {"steps": 4}}}
+    changed = expand_grid(load_suite(_suite_file(tmp_path, edited, "edited.yaml")), cell.layout, tmp_path)[2]
+    with pytest.raises(ConfigError, match=r"pretrain\.steps \(saved 3, given 4\)"):
+        changed.check_saved_config()
+
+
+def test_a_new_cell_clears_what_a_run_killed_before_its_config_left(tmp_path):
+    cell = expand_grid(load_suite(_suite_file(tmp_path, GRID)), SuiteLayout(tmp_path / "out"), tmp_path)[0]
+    (cell.run_dir / "plots").mkdir(parents=True)
+    (cell.run_dir / "metrics.jsonl").write_text("{}\n")
+    assert cell.state() == CellState.NEW
+    cell.prepare_new()
+    assert cell.run_dir.is_dir() and not any(cell.run_dir.iterdir())  # `train --run-dir` takes it
+    assert load_run_config(cell.config_file) == cell.config
+    (cell.run_dir / "checkpoints" / "step-000000001").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holds checkpoints but no config\.yaml"):
+        cell.prepare_new()
+
+
+def test_the_smoke_suite_has_every_built_in_policy_and_none():
+    suite = load_suite(ROOT / "benchmarks" / "smoke.yaml")
+    built_in = {name for name, info in get_registry().policies.items() if info.distribution == "maskkit"}
+    assert set(suite.policy_labels) == built_in | {"none"}
+    for name in ("cpu", "gpu", "paper"):
+        other = load_suite(ROOT / "benchmarks" / f"{name}.yaml")
+        assert set(other.policy_labels) == built_in | {"none"}, name
+        assert other.seeds == [0, 1, 2] and other.baseline_label == "random"
+        expand_grid(
+            other, SuiteLayout(Path("/nonexistent")), data_dir=Path("/nonexistent")
+        )  # every cell valid
+
+
+def test_unknown_names_are_reported_with_what_exists(tmp_path):
+    with pytest.raises(UnknownNameError, match=r"Available: .*random"):
+        expand_grid(load_suite(_suite_file(tmp_path, {**GRID, "policies": ["rnd"]})), SuiteLayout(tmp_path))
