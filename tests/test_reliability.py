@@ -247,6 +247,9 @@ def test_sigint_points_at_resume(data_dir, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        # A shell's background job inherits SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: give the run the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for(lambda: _last_step(run_dir) >= 4)
     process.send_signal(signal.SIGINT)
