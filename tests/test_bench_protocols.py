@@ -11,7 +11,8 @@ import torch
 from helpers import quiet_context, synthetic_dataset, write_medmnist_npz
 from rich.console import Console
 from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler, normalize
 
 from maskkit.checkpoint import load_checkpoint
 from maskkit.config import build_config
@@ -54,14 +55,26 @@ def test_the_hyper_parameters_are_chosen_on_val_and_test_is_scored_once():
     train, val, test = _blobs(300, 4, spread=3.0), _blobs(150, 5, spread=3.0), _blobs(300, 6, spread=3.0)
     probe = linear_probe(train, val, test, CLASSES)
     assert probe["val_accuracy"][str(probe["C"])] == max(probe["val_accuracy"].values())
-    # An independent fit at the chosen C on standardised features predicts test the same way.
+    # Independent fits on standardised features: the recorded scores are val's (not test's), and
+    # the fit at the chosen C predicts test the same way.
     scaler = StandardScaler().fit(train.values)
-    model = LogisticRegression(C=probe["C"], max_iter=5000).fit(scaler.transform(train.values), train.labels)
-    accuracy = float(np.mean(model.predict(scaler.transform(test.values)) == test.labels))
+
+    def fitted(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(train.values), train.labels)
+
+    for c, recorded in probe["val_accuracy"].items():
+        val_accuracy = float(np.mean(fitted(float(c)).predict(scaler.transform(val.values)) == val.labels))
+        assert recorded == pytest.approx(val_accuracy, abs=2 / len(val.labels)), c
+    accuracy = float(np.mean(fitted(probe["C"]).predict(scaler.transform(test.values)) == test.labels))
     assert probe["test"]["accuracy"] == pytest.approx(accuracy, abs=2 / len(test.labels))
     knn = knn_probe(train, val, test, CLASSES)
     assert set(knn["val_accuracy"]) == {"10", "20", "50"}
     assert knn["val_accuracy"][str(knn["k"])] == max(knn["val_accuracy"].values())
+    unit = [normalize(scaler.transform(f.values)) for f in (train, val)]
+    for k, recorded in knn["val_accuracy"].items():
+        neighbours = KNeighborsClassifier(int(k), metric="cosine", weights="distance", algorithm="brute")
+        predicted = neighbours.fit(unit[0], train.labels).predict(unit[1])
+        assert recorded == pytest.approx(float(np.mean(predicted == val.labels))), k
 
 
 def test_k_is_capped_by_the_training_set():
