@@ -192,3 +192,29 @@ def test_a_killed_invocation_counts_until_its_last_record(tmp_path):
     spent = timings(read_journal(journal.path))
     assert spent.suite_seconds == 60.0 + 40.0 and spent.invocations == 2
     assert spent.cell_seconds == {"a": 75.0}
+
+
+def test_an_interrupted_cell_with_a_run_dir_is_stopped_not_failed(tmp_path):
+    suite_file = tmp_path / "fake.yaml"
+    suite_file.write_text(yaml.safe_dump(SUITE))
+    suite = load_suite(suite_file)
+    layout = SuiteLayout(tmp_path / "out")
+    cells = expand_grid(suite, layout, data_dir=tmp_path)
+    interrupted, killed_early, crashed = cells[:3]
+    journal = Journal(layout.journal, invocation="first")
+    # Ctrl-C after the run dir was made (maskkit train exits 130 and keeps its checkpoint) ...
+    interrupted.run_dir.mkdir(parents=True)
+    (interrupted.run_dir / "config.yaml").write_text(config_to_yaml(interrupted.config))
+    journal.record("cell", cell=interrupted.key, exit_code=130, seconds=5.0, resumed=False, log="")
+    # ... before it (nothing to resume), and a crash after it.
+    journal.record("cell", cell=killed_early.key, exit_code=130, seconds=1.0, resumed=False, log="")
+    crashed.run_dir.mkdir(parents=True)
+    (crashed.run_dir / "config.yaml").write_text(config_to_yaml(crashed.config))
+    journal.record("cell", cell=crashed.key, exit_code=1, seconds=5.0, resumed=False, log="")
+    spent = timings(read_journal(layout.journal))
+    results = collect(cells, spent)
+    assert [result.status for result in results[:3]] == ["stopped", "failed", "failed"]
+    write_report(suite, suite_file, cells, results, spent, layout)
+    text = layout.markdown.read_text()
+    assert "1 stopped, 2 failed" in text
+    assert f"{interrupted.key}: **stopped** (interrupted; the same command resumes" in text

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ METRICS: dict[str, str] = {
     "knn_accuracy": "k-NN accuracy",
 }
 #: The metrics of the mean ± std and paired-difference tables (and the plot).
+#: The exit status of a ``maskkit train`` that was interrupted and saved its checkpoint (Ctrl-C, or
+#: the SIGINT the bench sends its cells when it is stopped): the cell resumes on the next run.
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 HEADLINE_METRICS = ("test_accuracy", "test_weighted_f1", "linear_probe_accuracy", "knn_accuracy")
 
 
@@ -47,8 +51,10 @@ class CellResult:
     """What one cell produced.
 
     Attributes:
-        status: ``done``; ``failed`` (its last attempt exited non-zero), ``partial`` (started,
-            not finished) or ``missing`` (never started).
+        status: ``done``; ``stopped`` (its last attempt was interrupted, as by Ctrl-C or the
+            bench's SIGTERM, and left a run dir to resume); ``failed`` (its last attempt exited
+            non-zero otherwise), ``partial`` (started, not finished) or ``missing`` (never
+            started).
         metrics: :data:`METRICS` → value in [0, 1], for a finished cell.
         per_class: the test metrics per class (``summary.json`` → ``test.per_class``).
         train_seconds: stage 1 + stage 2 as the run measured them (over its resumes).
@@ -80,6 +86,8 @@ def collect(cells: list[Cell], timings: Timings) -> list[CellResult]:
         state = cell.state()
         if state == CellState.DONE:
             status = "done"
+        elif exit_code == INTERRUPTED_EXIT_CODE and state == CellState.PARTIAL:
+            status = "stopped"
         elif exit_code not in (None, 0):
             status = "failed"
         else:

@@ -162,7 +162,8 @@ def results_markdown(
     """The report as Markdown: the set-up, mean ± std, paired differences to the baseline,
     per-class tables, wall times and the cells that did not finish."""
     done = [result for result in results if result.status == "done"]
-    counts = {status: sum(r.status == status for r in results) for status in ("failed", "partial", "missing")}
+    unfinished = ("stopped", "failed", "partial", "missing")
+    counts = {status: sum(r.status == status for r in results) for status in unfinished}
     lines = [f"# Benchmark suite `{suite.name}`", ""]
     if suite.description:
         lines += [suite.description.strip(), ""]
@@ -315,7 +316,10 @@ def _unfinished(results: list[CellResult]) -> list[str]:
         return []
     lines = ["", "## Cells not finished", ""]
     for result in unfinished:
-        detail = f"exit code {result.exit_code}, " if result.status == "failed" else ""
+        detail = {
+            "failed": f"exit code {result.exit_code}, ",
+            "stopped": "interrupted; the same command resumes it from its checkpoint, ",
+        }.get(result.status, "")
         lines.append(
             f"- {result.dataset}/{result.policy}/seed-{result.seed}: **{result.status}** ({detail}log "
             f"`{result.log}`)"
