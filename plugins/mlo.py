@@ -14,6 +14,17 @@ from maskkit.hookspecs import hookimpl
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
 
 
+def mask_probability(logits: Tensor) -> Tensor:
+    """``[B, L]`` logits → ``[B, L]`` mask probabilities σ(logits), always in fp32.
+
+    Under bf16 autocast (on CUDA) the scorer's logits are bf16, and σ in bf16 rounds to exactly 1
+    from a logit of about 6.2 on: σ's derivative, computed from its output as σ(1 − σ), is then
+    exactly 0 and the hypergradient of every confident patch is cut. In fp32 that takes a logit
+    of about 17.
+    """
+    return logits.float().sigmoid()
+
+
 class LearnedMasking(MaskPolicy):
     """Shared logic: a scorer gives logits ``[B, L]``; sigmoid gives the mask probability."""
 
@@ -24,7 +35,7 @@ class LearnedMasking(MaskPolicy):
         raise NotImplementedError
 
     def forward(self, batch: MaskBatch) -> MaskDecision:
-        mask_prob = self.mask_logits(batch.tokens).sigmoid()  # [B, L]
+        mask_prob = mask_probability(self.mask_logits(batch.tokens))  # [B, L]
         return decision_from_scores(mask_prob, batch.mask_ratio, weights=mask_prob)
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from maskkit.hookspecs import hookimpl
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
 from maskkit.priors.provider import IMPORTANCE
-from maskkit_plugins.mlo import MLOLightMasking
+from maskkit_plugins.mlo import MLOLightMasking, mask_probability
 
 
 def logistic_noise(like: Tensor) -> Tensor:
@@ -68,7 +68,7 @@ class SemanticSoftMasking(MLOLightMasking):
     def forward(self, batch: MaskBatch) -> MaskDecision:
         importance = batch.priors[IMPORTANCE]  # [B, L]
         logits = self.mask_logits(batch.tokens) - self.beta * importance  # [B, L]
-        mask_prob = logits.sigmoid()
+        mask_prob = mask_probability(logits)
         scores = logits.detach()
         if self.noise:
             scores = scores + self.noise * logistic_noise(scores)

@@ -341,3 +341,22 @@ def test_policy_options_reach_the_constructor() -> None:
     assert count == 16 * 8 * 7 + 7 + 7 * 16 + 16
     with pytest.raises(PluginError, match=r"'mlo'.*rejected its options"):
         create_policy("mlo", CONTEXT, {"no_such_option": 1})
+
+
+@pytest.mark.parametrize("name", ["mlo", "mlo-light"])
+def test_confident_mask_probabilities_keep_their_gradient_under_bf16_autocast(name) -> None:
+    """A logit of 8 is σ = 1 exactly in bf16, and σ(1 − σ) = 0 would cut the hypergradient: the
+    learned policies take σ in fp32, so the weights still have a gradient there."""
+    context = PolicyContext(num_patches=16, embed_dim=8, grid_size=4, patch_size=4)
+    policy = create_policy(name, context)
+    last = [module for module in policy.modules() if isinstance(module, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(8.0)
+    batch = make_batch(batch_size=4, num_patches=16, embed_dim=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decision = policy(batch)
+    assert decision.weights.dtype == torch.float32
+    (decision.weights * decision.mask).sum().backward()
+    # σ'(8) ≈ 3.4e-4 for each of the 4 · 12 masked patches; exactly 0 if σ is taken in bf16.
+    assert last.bias.grad.abs().sum() > 0.01
