@@ -8,6 +8,7 @@ so how the hypergradient reaches the policy, is the run's ``pretrain.weighting``
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from maskkit.hookspecs import hookimpl
@@ -15,14 +16,14 @@ from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, d
 
 
 def mask_probability(logits: Tensor) -> Tensor:
-    """``[B, L]`` logits → ``[B, L]`` mask probabilities σ(logits), always in fp32.
+    """``[B, L]`` logits → ``[B, L]`` mask probabilities σ(logits), in fp32 or wider.
 
     Under bf16 autocast (on CUDA) the scorer's logits are bf16, and σ in bf16 rounds to exactly 1
     from a logit of about 6.2 on: σ's derivative, computed from its output as σ(1 − σ), is then
     exactly 0 and the hypergradient of every confident patch is cut. In fp32 that takes a logit
-    of about 17.
+    of about 17. fp64 logits (the hypergradient tests) stay fp64.
     """
-    return logits.float().sigmoid()
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).sigmoid()
 
 
 class LearnedMasking(MaskPolicy):
