@@ -132,7 +132,7 @@ def test_a_killed_bench_finishes_only_the_missing_cells(tmp_path, data_dir, monk
     suite = {
         **SMALL_SUITE,
         # Long enough to be caught midway; a checkpoint every 5 steps.
-        "config": {"pretrain": {"steps": 400, "checkpoint_every": 5, "eval_every": 400}},
+        "config": {"pretrain": {"steps": 150, "checkpoint_every": 5, "eval_every": 150}},
         # A cell that fails: its policy refuses the option.
         "policies": [
             "none",
@@ -157,7 +157,7 @@ def test_a_killed_bench_finishes_only_the_missing_cells(tmp_path, data_dir, monk
     _wait_for(lambda: not _cell_processes(second), 30, "the cell to follow the killed bench")
     assert (first / "summary.json").is_file() and not (second / "summary.json").exists()
     finished, killed_at = (first / "summary.json").stat().st_mtime_ns, _checkpoint_step(second)
-    assert 0 < killed_at < 400
+    assert 0 < killed_at < 150
 
     # Run again: only the missing cells run, the killed one from its checkpoint, to the end; the
     # broken one fails, and is reported with its log. (Two workers: the two run side by side.)
