@@ -103,13 +103,18 @@ def _fake_cell(cell, accuracy: float) -> None:
     (cell.run_dir / "protocols.json").write_text(json.dumps(protocols))
 
 
-@pytest.fixture
-def fake_suite(tmp_path):
+def _fake_grid(tmp_path):
+    """The suite file of :data:`SUITE`, the suite, its output layout and its cells."""
     suite_file = tmp_path / "fake.yaml"
     suite_file.write_text(yaml.safe_dump(SUITE))
     suite = load_suite(suite_file)
     layout = SuiteLayout(tmp_path / "out")
-    cells = expand_grid(suite, layout, data_dir=tmp_path)
+    return suite_file, suite, layout, expand_grid(suite, layout, data_dir=tmp_path)
+
+
+@pytest.fixture
+def fake_suite(tmp_path):
+    suite_file, suite, layout, cells = _fake_grid(tmp_path)
     journal = Journal(layout.journal, invocation="first")
     journal.record("start", workers=2, threads=1, cells=9)
     for cell in cells:
@@ -195,11 +200,7 @@ def test_a_killed_invocation_counts_until_its_last_record(tmp_path):
 
 
 def test_an_interrupted_cell_with_a_run_dir_is_stopped_not_failed(tmp_path):
-    suite_file = tmp_path / "fake.yaml"
-    suite_file.write_text(yaml.safe_dump(SUITE))
-    suite = load_suite(suite_file)
-    layout = SuiteLayout(tmp_path / "out")
-    cells = expand_grid(suite, layout, data_dir=tmp_path)
+    suite_file, suite, layout, cells = _fake_grid(tmp_path)
     interrupted, killed_early, crashed = cells[:3]
     journal = Journal(layout.journal, invocation="first")
     # Ctrl-C after the run dir was made (maskkit train exits 130 and keeps its checkpoint) ...
