@@ -40,10 +40,10 @@ METRICS: dict[str, str] = {
     "knn_accuracy": "k-NN accuracy",
 }
 #: The metrics of the mean ± std and paired-difference tables (and the plot).
+HEADLINE_METRICS = ("test_accuracy", "test_weighted_f1", "linear_probe_accuracy", "knn_accuracy")
 #: The exit status of a ``maskkit train`` that was interrupted and saved its checkpoint (Ctrl-C, or
 #: the SIGINT the bench sends its cells when it is stopped): the cell resumes on the next run.
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
-HEADLINE_METRICS = ("test_accuracy", "test_weighted_f1", "linear_probe_accuracy", "knn_accuracy")
 
 
 @dataclass
