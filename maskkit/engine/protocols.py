@@ -75,14 +75,15 @@ def encoder_features(
 ) -> Features:
     """``encoder`` (``[B, 3, H, W]`` normalised images → ``[B, D]``) over all of ``split``, in
     order, without augmentation."""
-    chunks, labels = [np.zeros((0, 0), np.float32)], [np.zeros(0, np.int64)]
+    chunks, labels = [], []
     for images, batch_labels, _ in iterate_eval(split, batch_size, device, mean, std):
         with autocast():
             values = encoder(images)
         chunks.append(values.float().cpu().numpy())
-        labels.append(batch_labels.cpu().numpy())
-    values = np.concatenate(chunks[1:]) if len(chunks) > 1 else np.zeros((0, 0), np.float32)
-    return Features(values.astype(np.float32, copy=False), np.concatenate(labels).astype(np.int64))
+        labels.append(batch_labels.cpu().numpy().astype(np.int64))
+    if not chunks:
+        return Features(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+    return Features(np.concatenate(chunks), np.concatenate(labels))
 
 
 def _standardised(train: Features, *others: Features) -> list[Features]:
