@@ -167,6 +167,9 @@ def test_only_selects_cells(tmp_path):
         "folder/none/seed-1",
         "folder/random/seed-1",
     ]
+    # The same key in two filters adds values; different keys narrow.
+    again = select(cells, ["policy=random", "seed=1", "policy=none"])
+    assert [cell.key for cell in again] == [cell.key for cell in chosen]
 
 
 def test_a_run_dir_from_another_suite_is_refused(tmp_path):

@@ -198,21 +198,23 @@ def expand_grid(suite: Suite, layout: SuiteLayout, data_dir: Path | None = None)
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
-    """The cells matching every ``KEY=V1,V2`` filter (``dataset``, ``policy``, ``seed``)."""
-    chosen = cells
+    """The cells matching the ``KEY=V1,V2`` filters (``dataset``, ``policy``, ``seed``): a cell
+    must match every key named, and any of the values given for a key (``policy=a`` and
+    ``policy=b`` in two filters are ``policy=a,b``)."""
+    wanted: dict[str, set[str]] = {}
     for item in only:
         key, _, values = item.partition("=")
         key = key.strip()
-        wanted = {value.strip() for value in values.split(",") if value.strip()}
-        if key not in ("dataset", "policy", "seed") or not wanted:
+        named = {value.strip() for value in values.split(",") if value.strip()}
+        if key not in ("dataset", "policy", "seed") or not named:
             raise ConfigError(
                 f"--only expects dataset=..., policy=... or seed=... (comma-separated), got '{item}'"
             )
         known = {str(getattr(cell, key)) for cell in cells}
-        unknown = sorted(wanted - known)
+        unknown = sorted(named - known)
         if unknown:
             raise ConfigError(
                 f"--only {key}: {', '.join(unknown)} not in the suite (it has {', '.join(sorted(known))})"
             )
-        chosen = [cell for cell in chosen if str(getattr(cell, key)) in wanted]
-    return chosen
+        wanted.setdefault(key, set()).update(named)
+    return [cell for cell in cells if all(str(getattr(cell, key)) in wanted[key] for key in wanted)]
