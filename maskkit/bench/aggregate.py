@@ -15,7 +15,6 @@ Statistics, per policy and dataset, over the seeds present:
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 from dataclasses import dataclass, field
@@ -116,9 +115,8 @@ def _read_results(result: CellResult, run: RunDir) -> None:
         "test_weighted_f1": test["weighted_f1"],
         "test_macro_f1": test["macro_f1"],
     }
-    protocols_path = run.path / PROTOCOLS_FILE
-    if protocols_path.is_file():
-        protocols = json.loads(protocols_path.read_text())
+    if (run.path / PROTOCOLS_FILE).is_file():
+        protocols = run.read_json(PROTOCOLS_FILE)
         result.metrics["linear_probe_accuracy"] = protocols["linear_probe"]["test"]["accuracy"]
         result.metrics["knn_accuracy"] = protocols["knn"]["test"]["accuracy"]
     result.per_class = test.get("per_class", [])
