@@ -20,6 +20,8 @@ from maskkit.data import load_dataset
 from maskkit.engine import run as runs
 from maskkit.engine.protocols import Features, encoder_features, knn_probe, linear_probe
 from maskkit.models import MaskedAutoencoderViT
+from maskkit.report import classification_metrics
+from maskkit.report.predictions import read_predictions
 
 CLASSES = [f"class {i}" for i in range(4)]
 
@@ -35,8 +37,10 @@ def _blobs(count: int, seed: int, spread: float = 0.3, dim: int = 16) -> Feature
 
 def test_separable_features_are_classified_perfectly():
     train, val, test = _blobs(200, 0), _blobs(80, 1), _blobs(80, 2)
-    assert linear_probe(train, val, test, CLASSES)["test"]["accuracy"] == pytest.approx(1.0)
-    assert knn_probe(train, val, test, CLASSES)["test"]["accuracy"] == pytest.approx(1.0)
+    for result in (linear_probe(train, val, test, CLASSES), knn_probe(train, val, test, CLASSES)):
+        assert result["test"]["accuracy"] == pytest.approx(1.0)
+        assert result["test"]["auc"] == pytest.approx(1.0)
+        assert result["test"]["balanced_accuracy"] == pytest.approx(1.0)
 
 
 def test_random_labels_give_chance():
@@ -48,6 +52,7 @@ def test_random_labels_give_chance():
     train, val, test = noise(400), noise(200), noise(2000)
     for result in (linear_probe(train, val, test, CLASSES), knn_probe(train, val, test, CLASSES)):
         assert abs(result["test"]["accuracy"] - 0.25) < 0.05
+        assert abs(result["test"]["auc"] - 0.5) < 0.05
 
 
 def test_the_hyper_parameters_are_chosen_on_val_and_test_is_scored_once():
@@ -115,6 +120,14 @@ def test_a_run_with_protocols_scores_its_pretrained_encoder(tmp_path):
     protocols = json.loads((tmp_path / "run" / "protocols.json").read_text())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["protocols"]["knn"]["accuracy"] == protocols["knn"]["test"]["accuracy"]
+    assert summary["protocols"]["linear_probe"]["auc"] == protocols["linear_probe"]["test"]["auc"] is not None
+    # The saved test predictions give the summary's test metrics again.
+    saved, names = read_predictions(tmp_path / "run" / "predictions_test.npz")
+    assert names == summary["test"]["class_names"] and saved.scores.shape == (16, 7)
+    np.testing.assert_allclose(saved.scores.sum(axis=1), 1.0, atol=1e-5)
+    again = classification_metrics(saved.labels, saved.predicted, names, scores=saved.scores)
+    for key in ("accuracy", "balanced_accuracy", "auc"):
+        assert summary[f"test_{key}"] == summary["test"][key] == pytest.approx(again[key])
     assert protocols["splits"] == {"pretrain": 48, "val": 16, "test": 16}
     # Recomputed from the pretrained checkpoint, the linear probe agrees; the fine-tuned encoder
     # gives other features.

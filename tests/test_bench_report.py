@@ -12,14 +12,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from maskkit.bench.aggregate import collect, paired_difference, spread
+from maskkit.bench.aggregate import HEADLINE_METRICS, collect, paired_difference, spread
 from maskkit.bench.cells import expand_grid
+from maskkit.bench.comparisons import compare_to_baseline, forest_bands, forest_panels, premise
 from maskkit.bench.journal import Journal, read_journal, timings
 from maskkit.bench.layout import SuiteLayout
-from maskkit.bench.report import write_report
+from maskkit.bench.power import mde_factor
+from maskkit.bench.report import results_markdown, write_report
 from maskkit.bench.suite import load_suite
 from maskkit.config import config_to_yaml
 from maskkit.report import plot_grouped_bars
+from maskkit.report.forest import plot_forest
 
 # Student's t quantiles t(0.975, df), from a printed table (not from scipy).
 T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446}
@@ -84,8 +87,11 @@ def _fake_cell(cell, accuracy: float) -> None:
         {"class": "mole", "index": 0, "precision": 1.0, "recall": accuracy, "f1": accuracy, "support": 30},
         {"class": "lesion", "index": 1, "precision": 1.0, "recall": accuracy / 2, "f1": 0.5, "support": 10},
     ]
+    # Every metric is the accuracy shifted, so every paired difference is the accuracy's.
     test = {
         "accuracy": accuracy,
+        "balanced_accuracy": accuracy - 0.15,
+        "auc": accuracy + 0.2,
         "weighted_f1": accuracy - 0.1,
         "macro_f1": accuracy - 0.2,
         "per_class": per_class,
@@ -97,8 +103,10 @@ def _fake_cell(cell, accuracy: float) -> None:
     }
     (cell.run_dir / "summary.json").write_text(json.dumps(summary))
     protocols = {
-        "linear_probe": {"test": {"accuracy": accuracy - 0.05}},
-        "knn": {"test": {"accuracy": accuracy - 0.06}},
+        "linear_probe": {
+            "test": {"accuracy": accuracy - 0.05, "balanced_accuracy": accuracy - 0.1, "auc": None}
+        },
+        "knn": {"test": {"accuracy": accuracy - 0.06, "balanced_accuracy": accuracy - 0.2, "auc": accuracy}},
     }
     (cell.run_dir / "protocols.json").write_text(json.dumps(protocols))
 
@@ -142,6 +150,9 @@ def test_the_csv_has_a_row_per_cell(fake_suite):
         ("mlo", "2", "failed"),
     ]
     assert float(rows[3]["test_accuracy"]) == 0.70 and float(rows[3]["knn_accuracy"]) == pytest.approx(0.64)
+    assert float(rows[3]["test_auc"]) == pytest.approx(0.90) and float(rows[3]["knn_auc"]) == 0.70
+    assert float(rows[3]["test_balanced_accuracy"]) == pytest.approx(0.55)
+    assert rows[3]["linear_probe_auc"] == ""  # undefined (None in protocols.json): left empty, not 0
     assert rows[3]["cell_seconds"] == "60.0" and rows[3]["train_seconds"] == "100.0"
     assert rows[-1]["test_accuracy"] == "" and rows[-1]["exit_code"] == "1"
     assert rows[-1]["log"].endswith("logs/dermamnist-mlo-seed2.log")
@@ -159,7 +170,10 @@ def test_the_markdown_tables(fake_suite):
     mlo_row = next(line for line in lines if line.startswith("| `mlo` | 2 |") and "[" in line)
     assert f"+2.50 [{2.5 - half:+.2f}, {2.5 + half:+.2f}]".replace("-", "−") in mlo_row
     none_row = next(line for line in lines if line.startswith("| `none` | 3 |") and "[" in line)
-    assert none_row.count("**") == 8  # all four differences exclude 0 (none is 20 points lower)
+    # Six of the seven differences exclude 0 (none is 20 points lower); the linear probe's AUC,
+    # undefined in every cell, has none.
+    lower = "**−20.00 [−22.48, −17.52]**"
+    assert none_row.count("**") == 12 and none_row.endswith(f"| – | {lower} | {lower} |")
     assert "| policy | mole (30) | lesion (10) |" in text  # the per-class table
     assert "| `random` | 72.0 | 36.0 |" in text
     assert "1 failed" in text and "dermamnist/mlo/seed-2: **failed** (exit code 1" in text
@@ -169,11 +183,86 @@ def test_the_markdown_tables(fake_suite):
 
 def test_the_plot_is_a_png(fake_suite, tmp_path):
     layout, paths = fake_suite
-    assert paths == [layout.csv, layout.markdown, layout.plot]
-    with Image.open(layout.plot) as image:
-        assert image.format == "PNG" and image.size[0] > 300
+    assert paths == [layout.csv, layout.markdown, layout.plot, layout.forest]
+    for path in (layout.plot, layout.forest):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 300
     empty = plot_grouped_bars({}, tmp_path / "empty.png", "%", "nothing")
     with Image.open(empty) as image:
+        assert image.format == "PNG"
+
+
+# The fake suite's per-seed differences to random: none −20, −19, −21 points and mlo +2, +3 (all
+# metrics alike): squares 2 · 0.01² and 2 · 0.005² over 2 + 1 degrees of freedom.
+POOLED_SD = math.sqrt((2 * 0.01**2 + 2 * 0.005**2) / 3)
+
+
+def test_the_report_opens_with_the_premise(fake_suite):
+    layout, _ = fake_suite
+    text = layout.markdown.read_text()
+    assert text.index("## Premise: does pretraining help?") < text.index("Suite file") < text.index("## Mean")
+    # random − none: +20, +19, +21 points; sd 1 point over three seeds.
+    half = 100 * T_975[2] * 0.01 / math.sqrt(3)
+    interval = f"**+20.00 [{20 - half:+.2f}, {20 + half:+.2f}]**"
+    premise_row = next(line for line in text.splitlines() if line.startswith("| dermamnist | 3 |"))
+    assert premise_row.count(interval) == 6 and premise_row.count("| – |") == 1  # no linear-probe AUC
+    assert (
+        "Intervals that exclude 0: dermamnist, higher with pretraining: fine-tune bal. acc., fine-tune AUC, "
+        "fine-tune acc., linear probe bal. acc., linear probe acc., k-NN acc.\n" in text
+    )
+
+
+def test_no_premise_without_none(tmp_path):
+    suite_file = tmp_path / "nonone.yaml"
+    suite_file.write_text(yaml.safe_dump({**SUITE, "policies": ["random", "mlo"]}))
+    suite = load_suite(suite_file)
+    assert premise(suite, [], "dermamnist", HEADLINE_METRICS) is None
+    layout = SuiteLayout(tmp_path / "out")
+    cells = expand_grid(suite, layout, data_dir=tmp_path)
+    spent = timings(read_journal(layout.journal))
+    text = results_markdown(suite, suite_file, cells, collect(cells, spent), spent, layout)
+    assert "The suite has no `random` and `none` cells side by side" in text
+
+
+def test_each_paired_table_ends_with_the_minimum_detectable_effect(fake_suite):
+    layout, _ = fake_suite
+    mde_row = next(line for line in layout.markdown.read_text().splitlines() if line.startswith("| *MDE* |"))
+    expected = f"{100 * mde_factor(3) * POOLED_SD:.2f}"
+    assert expected == "2.98"  # k(3) = 3.264 standard deviations of the differences
+    assert mde_row == "| *MDE* | 3 | " + " | ".join([expected] * 4 + ["–"] + [expected] * 2) + " |"
+
+
+def test_the_forest_plot_draws_the_reports_intervals(tmp_path):
+    suite_file, suite, layout, cells = _fake_grid(tmp_path)
+    for cell in cells:
+        values = ACCURACY[cell.policy]
+        if cell.seed < len(values):
+            _fake_cell(cell, values[cell.seed])
+    results = collect(cells, timings([]))
+    comparison = compare_to_baseline(suite, results, "dermamnist", HEADLINE_METRICS)
+    titles = {"test_auc": "AUC", "test_accuracy": "acc.", "linear_probe_auc": "probe AUC"}
+    panels = forest_panels([comparison], titles)
+    assert list(panels["dermamnist"]) == ["AUC", "acc.", "probe AUC"]
+    # mlo − random: +2 and +3 points, the interval of the paired-difference table.
+    half = 100 * T_975[1] * np.std([0.02, 0.03], ddof=1) / math.sqrt(2)
+    for title in ("AUC", "acc."):
+        mean, low, high = panels["dermamnist"][title]["mlo"]
+        assert (mean, low, high) == (pytest.approx(2.5), pytest.approx(2.5 - half), pytest.approx(2.5 + half))
+        assert panels["dermamnist"][title]["none"][0] == pytest.approx(-20.0)
+        assert list(panels["dermamnist"][title]) == ["none", "mlo"]  # the suite's order, no baseline
+    assert panels["dermamnist"]["probe AUC"] == {}  # undefined in every cell
+    # The very numbers of the report's table.
+    text = results_markdown(suite, suite_file, cells, results, timings([]), layout)
+    mean, low, high = panels["dermamnist"]["acc."]["mlo"]
+    mlo_row = next(line for line in text.splitlines() if line.startswith("| `mlo` | 2 |") and "[" in line)
+    assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]".replace("-", "−") in mlo_row
+    bands = forest_bands([comparison], titles)
+    assert bands["dermamnist"]["acc."] == pytest.approx(100 * mde_factor(3) * POOLED_SD)
+    assert bands["dermamnist"]["probe AUC"] is None
+    path = plot_forest(panels, tmp_path / "forest.png", "points", "test", bands=bands)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    with Image.open(plot_forest({}, tmp_path / "empty.png", "points", "nothing")) as image:
         assert image.format == "PNG"
 
 

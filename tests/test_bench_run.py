@@ -85,11 +85,15 @@ def test_the_smoke_suite_runs_every_built_in_policy_and_writes_the_report(tmp_pa
         assert row["status"] == "done", row
         for metric in ("test_accuracy", "test_weighted_f1", "linear_probe_accuracy", "knn_accuracy"):
             assert 0.0 <= float(row[metric]) <= 1.0, (row["policy"], metric)
+        for metric in ("test_balanced_accuracy", "linear_probe_balanced_accuracy"):
+            assert 0.0 <= float(row[metric]) <= 1.0, (row["policy"], metric)
     markdown = (out / "results.md").read_text()
     assert "## Paired difference to `random`" in markdown and "## Per class: dermamnist" in markdown
+    assert "| *MDE* |" in markdown
     assert all(f"| `{policy}` |" in markdown for policy in policies)
-    with Image.open(out / "results.png") as image:
-        assert image.format == "PNG"
+    for png in ("results.png", "forest.png"):
+        with Image.open(out / png) as image:
+            assert image.format == "PNG"
     # The guided cells read the centre prior, built once, up front, in the store the test named.
     assert len(list((tmp_path / "priors").rglob("*.safetensors"))) == 3  # train, val, test
     print(f"smoke suite, 2 workers: {seconds:.1f} s")

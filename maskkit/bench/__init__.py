@@ -9,7 +9,10 @@ One concept per module:
 - :mod:`~maskkit.bench.runner`: the pool that runs cells side by side, and stops them cleanly;
 - :mod:`~maskkit.bench.journal`: the record of invocations and attempts (wall times);
 - :mod:`~maskkit.bench.aggregate`: results read back from the run dirs, and the statistics;
-- :mod:`~maskkit.bench.report`: ``cells.csv``, ``results.md`` and ``results.png``;
+- :mod:`~maskkit.bench.comparisons`: each policy against the baseline, the premise (``random``
+  against ``none``), and what the forest plot draws;
+- :mod:`~maskkit.bench.power`: the minimum detectable effect of the paired t-test;
+- :mod:`~maskkit.bench.report`: ``cells.csv``, ``results.md``, ``results.png`` and ``forest.png``;
 - :mod:`~maskkit.bench.main`: the command itself.
 
 The linear probe and k-NN protocols are part of a run (``protocols: true``,

@@ -30,16 +30,34 @@ from maskkit.rundir import RunDir
 from .cells import Cell, CellState
 from .journal import Timings
 
-#: The metrics of a cell, in the report's order: CSV column → title.
+#: The metrics of a cell, in the report's order: CSV column → title. AUC is MedMNIST's (one-vs-rest,
+#: macro over the classes; :func:`maskkit.report.auc_score`), balanced accuracy the mean recall.
 METRICS: dict[str, str] = {
+    "test_balanced_accuracy": "fine-tune balanced accuracy",
+    "test_auc": "fine-tune AUC",
     "test_accuracy": "fine-tune accuracy",
     "test_weighted_f1": "fine-tune weighted F1",
     "test_macro_f1": "fine-tune macro F1",
+    "linear_probe_balanced_accuracy": "linear-probe balanced accuracy",
+    "linear_probe_auc": "linear-probe AUC",
     "linear_probe_accuracy": "linear-probe accuracy",
+    "knn_balanced_accuracy": "k-NN balanced accuracy",
+    "knn_auc": "k-NN AUC",
     "knn_accuracy": "k-NN accuracy",
 }
-#: The metrics of the mean ± std and paired-difference tables (and the plot).
-HEADLINE_METRICS = ("test_accuracy", "test_weighted_f1", "linear_probe_accuracy", "knn_accuracy")
+#: The metrics of the paired-difference tables, the minimum detectable effects, the premise and
+#: the plots. Balanced accuracy and AUC lead: accuracy alone rewards predicting the majority class.
+HEADLINE_METRICS = (
+    "test_balanced_accuracy",
+    "test_auc",
+    "test_accuracy",
+    "linear_probe_balanced_accuracy",
+    "linear_probe_auc",
+    "linear_probe_accuracy",
+    "knn_accuracy",
+)
+#: The test metrics read from each protocol's results (``protocols.json`` → name → ``test``).
+PROTOCOL_METRICS = ("balanced_accuracy", "auc", "accuracy")
 #: The exit status of a ``maskkit train`` that was interrupted and saved its checkpoint (Ctrl-C, or
 #: the SIGINT the bench sends its cells when it is stopped): the cell resumes on the next run.
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
@@ -54,7 +72,7 @@ class CellResult:
             bench's SIGTERM, and left a run dir to resume); ``failed`` (its last attempt exited
             non-zero otherwise), ``partial`` (started, not finished) or ``missing`` (never
             started).
-        metrics: :data:`METRICS` → value in [0, 1], for a finished cell.
+        metrics: :data:`METRICS` → value in [0, 1], for a finished cell (those its run recorded).
         per_class: the test metrics per class (``summary.json`` → ``test.per_class``).
         train_seconds: stage 1 + stage 2 as the run measured them (over its resumes).
         cell_seconds: the wall time of the cell's recorded attempts (start-up, data, training,
@@ -110,15 +128,17 @@ def collect(cells: list[Cell], timings: Timings) -> list[CellResult]:
 def _read_results(result: CellResult, run: RunDir) -> None:
     summary = run.read_json("summary.json")
     test = summary["test"]
-    result.metrics = {
-        "test_accuracy": test["accuracy"],
-        "test_weighted_f1": test["weighted_f1"],
-        "test_macro_f1": test["macro_f1"],
+    found = {
+        f"test_{key}": test.get(key)
+        for key in ("balanced_accuracy", "auc", "accuracy", "weighted_f1", "macro_f1")
     }
     if (run.path / PROTOCOLS_FILE).is_file():
         protocols = run.read_json(PROTOCOLS_FILE)
-        result.metrics["linear_probe_accuracy"] = protocols["linear_probe"]["test"]["accuracy"]
-        result.metrics["knn_accuracy"] = protocols["knn"]["test"]["accuracy"]
+        for name in ("linear_probe", "knn"):
+            found.update({f"{name}_{key}": protocols[name]["test"].get(key) for key in PROTOCOL_METRICS})
+    # A metric a run did not record (an AUC undefined on its test split, or a run from before
+    # maskkit reported it) is left out, not taken as 0.
+    result.metrics = {metric: float(value) for metric, value in found.items() if value is not None}
     result.per_class = test.get("per_class", [])
     result.train_seconds = summary.get("wall_time_s")
     result.environment = summary.get("environment", {})

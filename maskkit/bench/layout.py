@@ -4,7 +4,8 @@ Layout::
 
     OUT/
       suite.yaml                       the suite file as last run
-      cells.csv  results.md  results.png   the report (rebuilt from the run dirs at every finish)
+      cells.csv  results.md  results.png  forest.png   the report (rebuilt from the run dirs at
+                                       every finish)
       journal.jsonl                    one JSON line per invocation and per cell attempt
       runs/<dataset>/<policy>/seed-<k>/    each cell's run dir, as `maskkit train` makes it
       configs/<dataset>-<policy>-seed<k>.yaml  the config a new cell starts from
@@ -38,6 +39,10 @@ class SuiteLayout:
     @property
     def plot(self) -> Path:
         return self.root / "results.png"
+
+    @property
+    def forest(self) -> Path:
+        return self.root / "forest.png"
 
     @property
     def journal(self) -> Path:

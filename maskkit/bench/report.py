@@ -1,4 +1,5 @@
-"""A suite's report: ``cells.csv``, ``results.md`` and ``results.png`` in its output dir.
+"""A suite's report: ``cells.csv``, ``results.md``, ``results.png`` and ``forest.png`` in its
+output dir.
 
 Rebuilt from the run dirs and the journal (:mod:`maskkit.bench.aggregate`) whenever ``maskkit
 bench`` finishes, stops or is asked with ``--report-only``; every file is replaced whole.
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 from maskkit.report import plot_grouped_bars
+from maskkit.report.forest import plot_forest
 from maskkit.rundir import atomic_write_text
 
 from .aggregate import (
@@ -23,18 +25,30 @@ from .aggregate import (
     by_seed,
     class_support,
     mean_per_class,
-    paired_difference,
     spread,
 )
 from .cells import Cell
+from .comparisons import (
+    PREMISE_BASELINE,
+    PREMISE_POLICY,
+    Comparison,
+    compare_to_baseline,
+    forest_bands,
+    forest_panels,
+    premise,
+)
 from .journal import Timings
 from .layout import SuiteLayout
 from .suite import Suite
 
 #: Titles of the headline metrics in tables and the plot.
 SHORT_TITLES = {
+    "test_balanced_accuracy": "fine-tune bal. acc.",
+    "test_auc": "fine-tune AUC",
     "test_accuracy": "fine-tune acc.",
     "test_weighted_f1": "fine-tune weighted F1",
+    "linear_probe_balanced_accuracy": "linear probe bal. acc.",
+    "linear_probe_auc": "linear probe AUC",
     "linear_probe_accuracy": "linear probe acc.",
     "knn_accuracy": "k-NN acc.",
 }
@@ -60,7 +74,7 @@ def write_report(
     timings: Timings,
     layout: SuiteLayout,
 ) -> list[Path]:
-    """Write the CSV, the Markdown and the PNG; returns their paths."""
+    """Write the CSV, the Markdown, the bars and the forest plot; returns their paths."""
     atomic_write_text(layout.csv, cells_csv(results))
     atomic_write_text(layout.markdown, results_markdown(suite, suite_file, cells, results, timings, layout))
     plot_grouped_bars(
@@ -69,7 +83,24 @@ def write_report(
         "test %, mean ± std over seeds",
         f"maskkit bench {suite.name}",
     )
-    return [layout.csv, layout.markdown, layout.plot]
+    comparisons = _comparisons(suite, results)
+    titles = {metric: SHORT_TITLES[metric] for metric in HEADLINE_METRICS}
+    plot_forest(
+        forest_panels(comparisons, titles),
+        layout.forest,
+        "difference in points",
+        f"maskkit bench {suite.name}: paired difference to `{suite.baseline_label}` over seeds, "
+        "95 % interval (filled: excludes 0; grey: ± MDE)",
+        bands=forest_bands(comparisons, titles),
+    )
+    return [layout.csv, layout.markdown, layout.plot, layout.forest]
+
+
+def _comparisons(suite: Suite, results: list[CellResult]) -> list[Comparison]:
+    """Each dataset's :class:`~maskkit.bench.comparisons.Comparison` to the baseline (none
+    without a baseline)."""
+    found = [compare_to_baseline(suite, results, label, HEADLINE_METRICS) for label in suite.dataset_labels]
+    return [comparison for comparison in found if comparison is not None]
 
 
 def cells_csv(results: list[CellResult]) -> str:
@@ -159,14 +190,16 @@ def results_markdown(
     timings: Timings,
     layout: SuiteLayout,
 ) -> str:
-    """The report as Markdown: the set-up, mean ± std, paired differences to the baseline,
-    per-class tables, wall times and the cells that did not finish."""
+    """The report as Markdown: the premise (``random`` against ``none``), the set-up, mean ± std,
+    paired differences to the baseline with each metric's minimum detectable effect, per-class
+    tables, wall times and the cells that did not finish."""
     done = [result for result in results if result.status == "done"]
     unfinished = ("stopped", "failed", "partial", "missing")
     counts = {status: sum(r.status == status for r in results) for status in unfinished}
     lines = [f"# Benchmark suite `{suite.name}`", ""]
     if suite.description:
         lines += [suite.description.strip(), ""]
+    lines += _premise(suite, results)
     lines += _setup(suite, suite_file, cells, done, counts, len(results))
     lines += ["", "## Mean ± std over seeds", ""]
     lines += [
@@ -184,7 +217,7 @@ def results_markdown(
             )
         lines += ["", f"### {dataset}", ""]
         lines += _table(["policy", "seeds", *METRICS.values()], rows, right_from=1)
-    lines += _differences(suite, results)
+    lines += _differences(suite, _comparisons(suite, results))
     for entry in suite.datasets:
         if entry.per_class:
             lines += _per_class(suite, results, entry.label)
@@ -219,32 +252,68 @@ def _setup(
     ]
 
 
-def _differences(suite: Suite, results: list[CellResult]) -> list[str]:
+def _premise(suite: Suite, results: list[CellResult]) -> list[str]:
+    """The suite's premise first: does pretraining (``random``) beat none at this budget?"""
+    lines = ["## Premise: does pretraining help?", ""]
+    if premise(suite, results, suite.dataset_labels[0], HEADLINE_METRICS) is None:
+        return [
+            *lines,
+            f"The suite has no `{PREMISE_POLICY}` and `{PREMISE_BASELINE}` cells side by side, so it does "
+            "not show whether pretraining helps at its budget; add both to test it.",
+            "",
+        ]
+    lines += [
+        f"`{PREMISE_POLICY}` (MAE pretraining with random masking) against `{PREMISE_BASELINE}` (the same "
+        "ViT trained from scratch by stage 2 alone), paired by seed: the mean difference in percentage "
+        "points and its 95 % Student-t interval, **bold** where the interval excludes 0. Where no "
+        "interval excludes 0, the suite has not shown that pretraining helps at its budget, and the "
+        "differences between masking policies below say little about masking.",
+        "",
+    ]
+    rows, shown = [], []
+    for dataset in suite.dataset_labels:
+        found = premise(suite, results, dataset, HEADLINE_METRICS) or {}
+        pairs = max((d.n for d in found.values() if d is not None), default=0)
+        rows.append([dataset, str(pairs)] + [_difference(found.get(metric)) for metric in HEADLINE_METRICS])
+        separated = {metric: d for metric, d in found.items() if d is not None and d.excludes_zero}
+        for direction, sign in (("higher", 1), ("lower", -1)):
+            metrics = [SHORT_TITLES[m] for m, d in separated.items() if sign * d.mean > 0]
+            if metrics:
+                shown.append(f"{dataset}, {direction} with pretraining: {', '.join(metrics)}")
+    lines += _table(["dataset", "pairs", *(SHORT_TITLES[m] for m in HEADLINE_METRICS)], rows)
+    # No full stop after the list: the metric titles end in one.
+    verdict = "Intervals that exclude 0: " + "; ".join(shown) if shown else "No interval excludes 0."
+    return [*lines, "", verdict, ""]
+
+
+def _mde(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _differences(suite: Suite, comparisons: list[Comparison]) -> list[str]:
     baseline = suite.baseline_label
-    if baseline is None:
+    if baseline is None or not comparisons:
         return []
     lines = [
         "",
         f"## Paired difference to `{baseline}`",
         "",
         f"Mean over seeds of (policy − `{baseline}`) on the same seed, in percentage points, with "
-        "its 95 % Student-t interval; **bold** where the interval excludes 0, `n/a` with one seed.",
+        "its 95 % Student-t interval; **bold** where the interval excludes 0, `n/a` with one seed. "
+        "Under each table, *MDE* is the minimum detectable effect: the true difference that a paired "
+        f"t-test at the suite's {len(suite.seeds)} seeds detects with 80 % power at two-sided 5 %, "
+        f"given the pooled seed-to-seed standard deviation of every policy's differences to `{baseline}` "
+        "(noncentral t; docs/bench.md). A smaller true difference can easily go unseen. `forest.png` "
+        "draws these intervals.",
     ]
     titles = [SHORT_TITLES[m] for m in HEADLINE_METRICS]
-    for dataset in suite.dataset_labels:
+    for comparison in comparisons:
         rows = []
-        for policy in suite.policy_labels:
-            if policy == baseline:
-                continue
-            found = {
-                metric: paired_difference(
-                    by_seed(results, dataset, policy, metric), by_seed(results, dataset, baseline, metric)
-                )
-                for metric in HEADLINE_METRICS
-            }
+        for policy, found in comparison.differences.items():
             pairs = max((d.n for d in found.values() if d is not None), default=0)
             rows.append([f"`{policy}`", str(pairs)] + [_difference(found[m]) for m in HEADLINE_METRICS])
-        lines += ["", f"### {dataset}", ""]
+        rows.append(["*MDE*", str(comparison.seeds)] + [_mde(comparison.mde[m]) for m in HEADLINE_METRICS])
+        lines += ["", f"### {comparison.dataset}", ""]
         lines += _table(["policy", "pairs", *titles], rows)
     return lines
 

@@ -19,8 +19,9 @@ from maskkit.checkpoint import save_checkpoint
 from maskkit.config import RunConfig
 from maskkit.data import ImageSplit, LabelledDataset, MLOSplits
 from maskkit.distributed import with_every_rank_rng
-from maskkit.engine.evaluate import evaluate_classifier
+from maskkit.engine.evaluate import evaluate_predictions
 from maskkit.engine.progress import PlainProgress, progress_display
+from maskkit.report.predictions import Predictions
 from maskkit.rundir import RunDir
 from maskkit.runtime import autocast, use_bf16
 
@@ -50,7 +51,14 @@ class RunContext:
 
     def evaluate(self, model: torch.nn.Module, split: ImageSplit) -> dict:
         """Classification metrics of ``model`` (images → logits) on ``split``."""
-        return evaluate_classifier(
+        return self.evaluate_with_predictions(model, split)[0]
+
+    def evaluate_with_predictions(
+        self, model: torch.nn.Module, split: ImageSplit
+    ) -> tuple[dict, Predictions]:
+        """Classification metrics of ``model`` on ``split`` and the labels and class scores they
+        come from (``[N]``, ``[N, C]``)."""
+        return evaluate_predictions(
             model,
             split,
             self.dataset.class_names,

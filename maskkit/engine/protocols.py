@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.base import ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -92,6 +93,16 @@ def _standardised(train: Features, *others: Features) -> list[Features]:
     return [Features(scaler.transform(f.values).astype(np.float32), f.labels) for f in (train, *others)]
 
 
+def class_scores(model: ClassifierMixin, features: Features, num_classes: int) -> np.ndarray:
+    """``[N, C]`` class probabilities of a fitted scikit-learn classifier on ``features``: its
+    ``predict_proba`` columns (the classes it saw in training) put at their class indices, 0 for
+    the classes it never saw."""
+    scores = np.zeros((len(features.labels), num_classes), dtype=np.float64)
+    if len(features.labels):
+        scores[:, model.classes_.astype(np.int64)] = model.predict_proba(features.values)
+    return scores
+
+
 def _accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
     return float(np.mean(labels == predictions)) if len(labels) else 0.0
 
@@ -125,11 +136,12 @@ def linear_probe(
     chosen = max(grid, key=lambda c: scores[c])  # the first best: the strongest regularisation
     model.coef_, model.intercept_ = fitted[chosen]
     predictions = model.predict(test.values)
+    probabilities = class_scores(model, test, len(class_names))
     return {
         "C": chosen,
         "val_accuracy": {str(c): scores[c] for c in grid},
         "converged": converged[chosen],
-        "test": classification_metrics(test.labels, predictions, class_names),
+        "test": classification_metrics(test.labels, predictions, class_names, scores=probabilities),
     }
 
 
@@ -157,10 +169,13 @@ def knn_probe(
         models[k].fit(train.values, train.labels)
         scores[k] = _accuracy(val.labels, models[k].predict(val.values))
     chosen = max(grid, key=lambda k: scores[k])
+    probabilities = class_scores(models[chosen], test, len(class_names))
     return {
         "k": chosen,
         "val_accuracy": {str(k): scores[k] for k in grid},
-        "test": classification_metrics(test.labels, models[chosen].predict(test.values), class_names),
+        "test": classification_metrics(
+            test.labels, models[chosen].predict(test.values), class_names, scores=probabilities
+        ),
     }
 
 

@@ -1,6 +1,6 @@
 """Reporting: classification metrics, their rich table, and the figures of a run's report."""
 
-from maskkit.report.metrics import classification_metrics, metrics_table, print_metrics
+from maskkit.report.metrics import auc_score, classification_metrics, metrics_table, print_metrics
 from maskkit.report.plots import (
     plot_bar_comparison,
     plot_confusion_matrix,
@@ -10,6 +10,7 @@ from maskkit.report.plots import (
 )
 
 __all__ = [
+    "auc_score",
     "classification_metrics",
     "metrics_table",
     "plot_bar_comparison",

@@ -1,7 +1,12 @@
 """Classification metrics for the fine-tuning / linear-probe test split, and their rich table.
 
 :func:`classification_metrics` returns a plain, JSON-serialisable dict (Python ints, floats,
-lists and strings only) so it can be written straight to ``metrics.json`` next to a run.
+``None``, lists and strings only) so it can be written straight to ``metrics.json`` next to a run.
+
+AUC is MedMNIST's (``medmnist.Evaluator``): for C > 2 classes the mean over the classes of the
+one-vs-rest ROC AUC of each class's score (``roc_auc_score(..., multi_class="ovr",
+average="macro")``), for two classes the ROC AUC of class 1's score. Balanced accuracy is
+scikit-learn's: the mean recall over the classes present in the labels.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from sklearn.metrics import (
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
+    roc_auc_score,
 )
 
-__all__ = ["classification_metrics", "metrics_table", "print_metrics"]
+__all__ = ["auc_score", "classification_metrics", "metrics_table", "print_metrics"]
 
-SUMMARY_KEYS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1")
+SUMMARY_KEYS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "auc", "macro_f1", "weighted_f1")
 
 
 def _as_labels(values: np.ndarray, name: str, num_classes: int) -> np.ndarray:
@@ -54,8 +60,46 @@ def _as_labels(values: np.ndarray, name: str, num_classes: int) -> np.ndarray:
     return arr
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """Accuracy, F1 scores, per-class precision/recall/F1 and the confusion matrix.
+def auc_score(y_true: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC AUC as ``medmnist.Evaluator`` computes it for a multi-class or binary-class task.
+
+    C > 2: the one-vs-rest AUC of each class (class ``i`` against the rest, ranked by
+    ``scores[:, i]``), averaged over the C classes with equal weight (macro). C = 2: the AUC of
+    class 1 ranked by ``scores[:, 1]`` (MedMNIST's binary case; the one-vs-rest macro average is
+    the same number when the two scores sum to 1).
+
+    Args:
+        y_true: ``[N]`` (or ``[N, 1]``) true class indices in ``[0, C)``.
+        scores: ``[N, C]`` class scores, the softmax probabilities (each row sums to 1).
+
+    Returns:
+        The AUC in [0, 1]; None where it is undefined: a class with no image in ``y_true``
+        (where MedMNIST's Evaluator gives NaN), or C < 2.
+
+    Raises:
+        ValueError: on a ``scores`` that is not ``[N, C]`` for the N labels.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be an [N, C] array of class scores, got shape {scores.shape}")
+    num_classes = scores.shape[1]
+    labels = _as_labels(y_true, "y_true", max(num_classes, 1))
+    if labels.shape[0] != scores.shape[0]:
+        raise ValueError(f"y_true has {labels.shape[0]} labels but scores has {scores.shape[0]} rows")
+    present = np.bincount(labels, minlength=num_classes)
+    if num_classes < 2 or np.any(present == 0):
+        return None
+    if num_classes == 2:
+        return float(roc_auc_score(labels, scores[:, 1]))
+    classes = list(range(num_classes))
+    return float(roc_auc_score(labels, scores, multi_class="ovr", average="macro", labels=classes))
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], scores: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, AUC, F1 scores, per-class precision/recall/F1 and the
+    confusion matrix.
 
     Every class in ``class_names`` is reported, also those absent from both ``y_true`` and
     ``y_pred`` (their scores are 0 and support 0; sklearn's ``zero_division=0``).
@@ -64,10 +108,13 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
         y_true: ``[N]`` (or ``[N, 1]``) true class indices in ``[0, C)``.
         y_pred: ``[N]`` (or ``[N, 1]``) predicted class indices in ``[0, C)``.
         class_names: C class names; index ``i`` names class ``i``.
+        scores: ``[N, C]`` class scores (softmax probabilities) the predictions came from, for
+            the AUC (:func:`auc_score`); without them there is no ``auc`` key.
 
     Returns:
         A JSON-serialisable dict with keys ``accuracy``, ``weighted_f1``, ``macro_f1``,
-        ``balanced_accuracy`` (floats), ``num_samples`` (int), ``per_class`` (list of C dicts
+        ``balanced_accuracy`` (floats), ``auc`` (float, or None where undefined; only with
+        ``scores``), ``num_samples`` (int), ``per_class`` (list of C dicts
         ``{"class", "index", "precision", "recall", "f1", "support"}``), ``confusion_matrix``
         (``[C, C]`` list of lists of ints, rows = true class, columns = predicted class) and
         ``class_names``.
@@ -112,11 +159,18 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
         }
         for i in labels
     ]
-    return {
+    result: dict[str, Any] = {
         "accuracy": accuracy,
         "weighted_f1": weighted_f1,
         "macro_f1": macro_f1,
         "balanced_accuracy": balanced,
+    }
+    if scores is not None:
+        if np.shape(scores) != (n, num_classes):
+            raise ValueError(f"scores must be [N, C] = [{n}, {num_classes}], got {np.shape(scores)}")
+        result["auc"] = auc_score(yt, scores)
+    return {
+        **result,
         "num_samples": n,
         "per_class": per_class,
         "confusion_matrix": [[int(v) for v in row] for row in np.asarray(cm)],
@@ -143,7 +197,8 @@ def metrics_table(metrics: dict[str, Any], title: str = "Test metrics") -> Table
 
     for key in SUMMARY_KEYS:
         if key in metrics:
-            table.add_row(key, "", "", f"{float(metrics[key]):.4f}", "")
+            value = metrics[key]
+            table.add_row(key, "", "", "n/a" if value is None else f"{float(value):.4f}", "")
     if "num_samples" in metrics:
         table.add_row("num_samples", "", "", "", str(int(metrics["num_samples"])))
 
