@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from maskkit.rundir import FILE_MODE
+
 
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
@@ -52,6 +54,7 @@ def write_tensors_atomically(
     try:
         tensors = {key: value.contiguous().cpu() for key, value in tensors.items()}
         save_file(tensors, temporary, metadata=metadata)
+        os.chmod(temporary, FILE_MODE)  # mkstemp's 0600, as the rest of maskkit's files
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)

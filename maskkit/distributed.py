@@ -31,24 +31,11 @@ from torch import Tensor
 
 from maskkit.errors import ConfigError, MaskkitError
 from maskkit.runtime import rng_state, select_device, set_rng_state
+from maskkit.torchrun_env import DEFAULT_TIMEOUT_S, CollectiveFailure, launched_by_torchrun
 
-#: Seconds a collective waits for the other processes before the run stops (``--collective-timeout``).
-DEFAULT_TIMEOUT_S = 600.0
-
-_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _timeout_s = DEFAULT_TIMEOUT_S
 
 T = TypeVar("T")
-
-
-class CollectiveFailure(RuntimeError):
-    """A collective could not complete: another process died, raised an error, or did not answer
-    within the collective timeout. The process that hit it stops; torchrun stops the others."""
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process is a worker that torchrun started (its rank variables are set)."""
-    return all(name in os.environ for name in _TORCHRUN_VARIABLES)
 
 
 def requested_world_size() -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,10 +105,19 @@ class PolicyInfo:
 
     @property
     def trained_by(self) -> str:
-        """Which levels train the policy, for ``maskkit policies``: yes (level 3), pretrain level, no."""
+        """Which levels train the policy, for the ``learnable`` column of ``maskkit policies``: yes
+        (level 3), pretrain level, yes + pretrain level, no."""
         if self.learnable:
             return "yes + pretrain level" if self.trains_at_pretrain_level else "yes"
         return "pretrain level" if self.trains_at_pretrain_level else "no"
+
+    @property
+    def training_levels(self) -> list[str]:
+        """The levels that train the policy's parameters, for ``maskkit policies --json``
+        (``trained_by``): ``"mask level"`` (level 3 of the MLO loop) and/or ``"pretrain level"``;
+        empty for a fixed policy."""
+        levels = ["mask level"] if self.learnable else []
+        return levels + (["pretrain level"] if self.trains_at_pretrain_level else [])
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,12 @@ class ProviderInfo:
     @property
     def provides(self) -> frozenset[str]:
         return frozenset(self.provider_class.provides)
+
+    @property
+    def option_defaults(self) -> dict[str, Any]:
+        """The provider's options that have a default (its constructor's keyword arguments)."""
+        parameters = inspect.signature(self.provider_class).parameters.values()
+        return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 @dataclass
@@ -252,7 +268,7 @@ def registry_as_dict(registry: PluginRegistry) -> dict:
                 "distribution": info.distribution,
                 "plugin": info.plugin,
                 "learnable": info.learnable,
-                "trained_by": info.trained_by,
+                "trained_by": info.training_levels,
                 "requires": sorted(info.requires),
                 "description": info.description,
             }
@@ -267,6 +283,24 @@ def registry_as_dict(registry: PluginRegistry) -> dict:
             }
             for failure in registry.failures
         ],
+    }
+
+
+def providers_as_dict(registry: PluginRegistry) -> dict:
+    """What ``maskkit priors list --json`` prints: the providers, then what failed to load."""
+    return {
+        "providers": [
+            {
+                "name": info.name,
+                "distribution": info.distribution,
+                "plugin": info.plugin,
+                "provides": sorted(info.provides),
+                "options": info.option_defaults,
+                "description": info.description,
+            }
+            for info in sorted(registry.providers.values(), key=lambda item: item.name)
+        ],
+        "failures": registry_as_dict(registry)["failures"],
     }
 
 

@@ -220,3 +220,28 @@ def test_the_smoke_suite_has_every_built_in_policy_and_none():
 def test_unknown_names_are_reported_with_what_exists(tmp_path):
     with pytest.raises(UnknownNameError, match=r"Available: .*random"):
         expand_grid(load_suite(_suite_file(tmp_path, {**GRID, "policies": ["rnd"]})), SuiteLayout(tmp_path))
+
+
+def test_malformed_yaml_is_named_as_the_suite_file_with_its_line(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: broken\npolicies: [random\nseeds: [0]\n")
+    message = _user_error(monkeypatch, capsys, "bench", path, "--dry-run")
+    assert f"suite file {path} is not valid YAML" in message
+    assert f'in "{path}", line 3' in message and "<unicode string>" not in message
+    path.write_text("- random\n")
+    message = _user_error(monkeypatch, capsys, "bench", path)
+    assert f"suite file {path} must hold a mapping, not list" in message
+
+
+def test_a_dry_run_writes_nothing(monkeypatch, capsys, tmp_path):
+    path = _suite_file(tmp_path, {**GRID, "datasets": GRID["datasets"][:1]})
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["maskkit", "bench", str(path), "--out", str(out), "--dry-run"])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    assert ended.value.code == 0 and " new " in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()  # no output dir, so no .bench.lock left behind either
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit):
+        main()
+    assert list((tmp_path / "out").iterdir()) == []

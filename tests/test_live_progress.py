@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from helpers import quiet_context, synthetic_dataset, tiny_config
 from rich.console import Console
 from rich.progress import Progress
 
+from maskkit.consoles import user_console
 from maskkit.engine.progress import PlainProgress, progress_display
 from maskkit.engine.run import _execute, build_models
 from maskkit.errors import ConfigError
@@ -162,3 +164,50 @@ def test_tensorboard_without_the_package_is_a_one_line_user_error(monkeypatch: p
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ConfigError, match=r'pip install "maskkit\[tensorboard\]"'):
         require_tensorboard()
+
+
+STATUS = "pretrain 0.7400  finetune 1.7348  mask 1.7367  p(masked) 0.58  46 img/s  val acc 0.395"
+
+
+def _live_bar(width: int) -> str:
+    """The live bar of a stage at step 120 of 400, as a terminal ``width`` columns wide shows it."""
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=True, color_system=None)
+    progress = progress_display(console)
+    task = progress.add_task("MLO pretrain", total=400, completed=0, status=STATUS)
+    progress.update(task, completed=120)
+    console.print(progress.make_tasks_table(progress.tasks))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("width", "status_fits"), [(80, False), (100, False), (250, True)])
+def test_the_live_bar_keeps_the_stage_step_and_eta_and_cuts_the_status(width: int, status_fits: bool) -> None:
+    (line,) = _live_bar(width).splitlines()
+    assert line.startswith("MLO pretrain ") and " 120/400 " in line
+    assert re.search(r" \d:\d\d:\d\d eta (-:--:--|\d:\d\d:\d\d) ", line), line  # elapsed and ETA, whole
+    assert len(line) <= width
+    assert "pretrain 0.7400" in line  # the status starts, and gives way where it must
+    assert (STATUS in line) == status_fits and line.rstrip().endswith("…") != status_fits
+
+
+def test_the_user_console_logs_without_source_links_and_does_not_wrap_in_a_file() -> None:
+    out = io.StringIO()
+    console = user_console(file=out, width=80)
+    path = "/work/runs/" + "20261206-0501-semantic-soft-dermamnist/" * 3 + "plots/masks_pretrained.png"
+    console.log("step 4: level-2 val accuracy 0.5000")
+    console.print(f"saved {path} (8 test images)")
+    lines = out.getvalue().splitlines()
+    assert lines[0].rstrip().endswith("step 4: level-2 val accuracy 0.5000")  # a time stamp, then the text
+    assert ".py:" not in out.getvalue()  # no link to the line of maskkit that logged it
+    assert lines[1:] == [f"saved {path} (8 test images)"]  # one line, however long
+    terminal = io.StringIO()
+    user_console(file=terminal, width=40, force_terminal=True, color_system=None).print("word " * 20)
+    assert len(terminal.getvalue().splitlines()) > 1  # a terminal still wraps at its width
+
+
+def test_the_cli_prints_through_the_user_console(capsys) -> None:
+    from maskkit.cli import console
+
+    console.log("step 4: level-2 val accuracy 0.5000")
+    assert ".py:" not in capsys.readouterr().out
+    assert console.soft_wrap == (not console.is_terminal)

@@ -494,6 +494,8 @@ def test_policies_lists_the_built_ins(cli_runs: dict[str, BackgroundCli]) -> Non
     assert listed["random"]["learnable"] == listed["blockwise"]["learnable"] == "no"
     assert listed["mlo"]["learnable"] == listed["mlo-light"]["learnable"] == "yes"
     assert listed["hpm"]["learnable"] == "pretrain level"
+    assert "none" not in listed  # no policy, but a footnote says what bench's `none` is
+    assert "\nnone: a maskkit bench suite may also name this baseline" in result.stdout
 
 
 def test_policies_lists_installed_third_party_plugins(cli_runs: dict[str, BackgroundCli]) -> None:
@@ -568,11 +570,12 @@ def test_policies_json_lists_policies_and_failures(cli_runs: dict[str, Backgroun
         "distribution": "maskkit",
         "plugin": "mlo",
         "learnable": True,
-        "trained_by": "yes",
+        "trained_by": ["mask level"],
         "requires": [],
         "description": by_name["mlo-light"]["description"],
     }
     assert "per-patch scorer" in by_name["mlo-light"]["description"]
+    assert by_name["hpm"]["trained_by"] == ["pretrain level"] and by_name["random"]["trained_by"] == []
     failures = {failure["plugin"]: failure for failure in listing["failures"]}
     assert set(failures) == {"exploding", "nap"}
     assert failures["exploding"]["distribution"] == "maskkit-exploding"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import write_medmnist_npz
 from PIL import Image
 from test_plugins import CliResult, FakeEntryPoint, assert_one_clean_error_line, run_cli_in_process
@@ -244,3 +245,60 @@ def test_a_changed_data_file_option_or_resolution_does_not_find_the_built_store(
     line = assert_one_clean_error_line(cli(*train), "not built yet")
     assert "(test at 32 px)" in line  # only the split whose pixels changed
     assert not (tmp_path / "run").exists()
+
+
+BOX_LINE = re.compile(r"^[┏┃┡│└]")
+
+
+def test_priors_list_fits_a_narrow_window_and_has_json(cli) -> None:
+    result = cli("priors", "list")
+    table = [line.rstrip() for line in result.stdout.splitlines() if BOX_LINE.match(line)]
+    assert table and max(map(len, table)) <= 110  # options one a line, descriptions wrapped
+    assert any("│ model_type='vit_b'" in line for line in table)
+    listing = json.loads(cli("priors", "list", "--json").stdout)
+    providers = {provider["name"]: provider for provider in listing["providers"]}
+    assert set(providers) >= {"center", "otsu", "saliency", "sam"}
+    assert providers["otsu"]["provides"] == ["foreground", "importance"]
+    assert providers["otsu"]["options"]["polarity"] == "dark"
+    assert providers["sam"]["options"]["checkpoint"] is None
+    assert listing["failures"] == [] and listing["store"].endswith("store")
+
+
+def test_a_subset_run_is_served_from_the_whole_splits_priors(cli, data_dir, tmp_path) -> None:
+    built = cli("priors", "build", "--provider", "otsu", "--dataset", "dermamnist", "--data-dir", data_dir)
+    assert built.returncode == 0, built.stderr
+    stored = _store_files(tmp_path / "store")
+    assert len(stored) == 3  # the whole splits: 64, 32 and 32 images
+    run_dir = tmp_path / "run"
+    result = cli(*_train(data_dir, "semantic-soft-fixed", "--prior", "otsu", "--run-dir", run_dir,
+                         "--set", "data.subset=16"))  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    assert _store_files(tmp_path / "store") == stored  # nothing built for the subset, nothing rebuilt
+
+
+def test_a_subsets_priors_are_the_first_of_the_whole_splits(tmp_path) -> None:
+    import dataclasses
+
+    from helpers import synthetic_dataset
+    from rich.console import Console
+
+    from maskkit.engine.run import limit_dataset
+    from maskkit.priors.attach import PriorsNotBuiltError, PriorSpec, attach_priors
+
+    quiet = Console(quiet=True)
+    whole = synthetic_dataset()
+    spec = PriorSpec("center", dataset=whole.name, image_size=8, store_dir=tmp_path / "store")
+    built = attach_priors(whole, dataclasses.replace(spec, build=True), quiet)
+    subset = limit_dataset(whole, 5)
+    with pytest.raises(PriorsNotBuiltError, match="serve every subset"):
+        attach_priors(subset, spec, quiet)  # without the whole dataset to look in
+    served = attach_priors(subset, spec, quiet, whole=whole)
+    for name in ("train", "val", "test"):
+        assert torch.equal(
+            getattr(served, name).priors["importance"], getattr(built, name).priors["importance"][:5]
+        )
+    # Not the first images of the whole split (other pixels): not served from it.
+    shifted = dataclasses.replace(subset.train, images=255 - subset.train.images)
+    other = dataclasses.replace(subset, train=shifted)
+    with pytest.raises(PriorsNotBuiltError, match=r"\(train at 8 px\)"):
+        attach_priors(other, spec, quiet, whole=whole)

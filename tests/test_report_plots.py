@@ -283,3 +283,42 @@ def test_bar_comparison(tmp_path: Path) -> None:
     img = _open_png(out)
     assert _distinct_colours(img) > 10
     _open_png(plot_bar_comparison({}, tmp_path / "empty.png", "accuracy", "Nothing"))
+
+
+def _drawn_titles(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Each figure the plots module saves, as (figure title, [subplot titles])."""
+    import maskkit.report.plots as plots
+
+    drawn = []
+    save = plots._save
+
+    def recording_save(fig, path, dpi):
+        drawn.append((fig.get_suptitle(), [ax.get_title() for ax in fig.axes if ax.get_title()]))
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "_save", recording_save)
+    return drawn
+
+
+def test_no_panel_title_promises_a_line_the_panel_lacks(tmp_path: Path, monkeypatch) -> None:
+    drawn = _drawn_titles(monkeypatch)
+    # A random run: val accuracy from fine-tuning, no majority-class rate, no masked-patch error.
+    random_run = [
+        {"stage": "pretrain", "step": 1, "loss/pretrain": 1.0},
+        {"stage": "finetune", "step": 1, "val/accuracy": 0.5},
+    ]
+    plot_training_curves(random_run, tmp_path / "random.png")
+    mlo_run = [*random_run, {"stage": "pretrain", "step": 2, "val/majority_rate": 0.6}]
+    plot_training_curves(mlo_run, tmp_path / "mlo.png")
+    (_, random_titles), (_, mlo_titles) = drawn
+    assert random_titles == ["loss/pretrain", "val/accuracy"]
+    assert mlo_titles == ["loss/pretrain", "val accuracy and the majority-class rate"]
+
+
+def test_the_mask_grid_can_carry_a_title(tmp_path: Path, monkeypatch) -> None:
+    drawn = _drawn_titles(monkeypatch)
+    images = np.zeros((2, 8, 8, 3))
+    title = "run-1: mlo, checkpoint 'best' (mid-pretraining, step 4 of 8)"
+    plot_mask_grid(images, images, images, tmp_path / "grid.png", title=title)
+    plot_mask_grid(images, images, images, tmp_path / "untitled.png")
+    assert [figure_title.replace("\n", " ") for figure_title, _ in drawn] == [title, ""]

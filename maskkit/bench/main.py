@@ -79,13 +79,11 @@ def run_bench(options: BenchOptions, console: Console) -> int:
     if options.report_only:
         _report(suite, options.suite_file, cells, layout, console)
         return 0
+    if options.dry_run:  # reads only: no lock, and nothing written (not even the output dir)
+        _print_cells(chosen, _states(chosen), layout, console)
+        return 0
     with exclusive(layout):
-        states = {cell.key: cell.state() for cell in chosen}
-        for cell in chosen:
-            cell.check_saved_config()
-        if options.dry_run:
-            _print_cells(chosen, states, layout, console)
-            return 0
+        states = _states(chosen)
         pending = [cell for cell in chosen if states[cell.key] != CellState.DONE]
         threads = options.threads or max(1, available_cpus() // options.workers)
         _announce_plan(suite.name, layout, chosen, states, options.workers, threads, console)
@@ -96,6 +94,14 @@ def run_bench(options: BenchOptions, console: Console) -> int:
             return _run_cells(pending, options.workers, threads, Journal(layout.journal), console)
         finally:
             _report(suite, options.suite_file, cells, layout, console)
+
+
+def _states(cells: list[Cell]) -> dict[str, CellState]:
+    """Each cell's state, once its saved config (if any) is known to be the suite's; reads only."""
+    states = {cell.key: cell.state() for cell in cells}
+    for cell in cells:
+        cell.check_saved_config()
+    return states
 
 
 def _run_cells(cells: list[Cell], workers: int, threads: int, journal: Journal, console: Console) -> int:

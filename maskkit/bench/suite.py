@@ -12,13 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from maskkit.config import DEFAULT_PRESET, PRESETS, StrictModel, format_validation_error, read_yaml
+from maskkit.config import DEFAULT_PRESET, PRESETS, StrictModel, format_validation_error
 from maskkit.errors import ConfigError
 
 #: The policy label of the no-pretraining baseline: the ViT trained from scratch by stage 2 alone.
 NONE_POLICY = "none"
+#: What ``maskkit policies`` says of it, under its table (it is no policy, so not a row).
+NONE_POLICY_NOTE = (
+    f"{NONE_POLICY}: a maskkit bench suite may also name this baseline, no pretraining at all "
+    "(the ViT trained from scratch by fine-tuning alone; docs/bench.md)"
+)
 #: Labels become folder and file names.
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 #: Config keys the grid sets per cell, refused in a suite's shared config.
@@ -151,11 +157,28 @@ def _grid_keys_in(config: dict[str, Any], where: str) -> None:
             )
 
 
+def read_suite_yaml(path: Path) -> dict:
+    """The mapping a suite file holds; a missing file, bad YAML (with its line and column in
+    ``path``) or a non-mapping is a :class:`~maskkit.errors.ConfigError` naming the suite file."""
+    try:
+        with Path(path).open(encoding="utf-8") as handle:  # a stream: YAML's marks name the file
+            loaded = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"suite file {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"suite file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"suite file {path} must hold a mapping, not {type(loaded).__name__}")
+    return loaded
+
+
 def load_suite(path: Path) -> Suite:
     """Read and validate a suite file: one :class:`~maskkit.errors.ConfigError` naming every
     problem of its schema. (Policy, dataset and config values are checked when the grid is
     expanded, :func:`maskkit.bench.cells.expand_grid`.)"""
-    raw = read_yaml(path)
+    raw = read_suite_yaml(path)
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as error:

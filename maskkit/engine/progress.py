@@ -22,27 +22,59 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
+from rich.text import Text
 
 # A plain line at most this often (seconds), and at the first and the last step of a stage.
 PLAIN_LINE_SECONDS = 30.0
+# The live bar's width: a quarter of the terminal, within these bounds.
+BAR_WIDTH_RANGE = (5, 40)
+
+
+class StatusColumn(ProgressColumn):
+    """The free-text status (the latest losses, img/s): the one column that gives way, cut with
+    "…" where the terminal is too narrow for all of it."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(overflow="ellipsis"))
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("status", "")), no_wrap=True, overflow="ellipsis")
+
+
+def bar_width(console_width: int) -> int:
+    """The live bar's width on a terminal ``console_width`` columns wide."""
+    low, high = BAR_WIDTH_RANGE
+    return max(low, min(high, console_width // 4))
 
 
 def progress_display(console: Console) -> Progress | PlainProgress:
-    """A rich bar with a free-text status field on a terminal, :class:`PlainProgress` otherwise."""
+    """A rich bar with a free-text status field on a terminal, :class:`PlainProgress` otherwise.
+
+    On the terminal the stage's name, step count, elapsed time and ETA keep their whole width
+    (down to about 60 columns), the bar takes a quarter of the width, and the status gets the
+    rest, cut short with "…" when it does not fit.
+    """
     if not console.is_terminal:
         return PlainProgress(console)
+
+    def whole() -> Column:
+        return Column(no_wrap=True)
+
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("[bold]{task.description}", table_column=whole()),
+        BarColumn(bar_width=bar_width(console.width), table_column=whole()),
+        MofNCompleteColumn(table_column=whole()),
+        TimeElapsedColumn(table_column=whole()),
+        TextColumn("eta", table_column=whole()),
+        TimeRemainingColumn(table_column=whole()),
+        StatusColumn(),
         console=console,
         transient=False,
     )

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from rich.console import Console
 
 from maskkit.config import RunConfig
 from maskkit.data import ImageSplit, LabelledDataset
 from maskkit.engine.progress import progress_display
-from maskkit.errors import ConfigError, MaskkitError
+from maskkit.errors import ConfigError, DamagedFileError, MaskkitError
 from maskkit.plugins import create_provider, provider_info, provider_options
 from maskkit.priors.compute import compute_priors
 from maskkit.priors.provider import PriorProvider
@@ -154,12 +155,38 @@ def prior_key(
     )
 
 
-def attach_priors(dataset: LabelledDataset, spec: PriorSpec, console: Console) -> LabelledDataset:
+def _first_maps_of_whole(
+    store: PriorStore,
+    provider: PriorProvider,
+    options: dict[str, Any],
+    whole: LabelledDataset,
+    name: str,
+    split: ImageSplit,
+) -> dict | None:
+    """The maps of ``split``, the first images of ``whole``'s split ``name`` (``data.subset``),
+    cut from the whole split's stored maps; None when those are not stored (or unreadable: they
+    are the whole split's to rebuild, not this run's). A provider computes each image's maps from
+    that image alone (:meth:`~maskkit.priors.provider.PriorProvider.compute`), so they are the
+    maps the subset would get on its own."""
+    source = _splits(whole).get(name)
+    count = len(split)
+    if source is None or len(source) <= count or not torch.equal(source.images[:count], split.images):
+        return None
+    maps = store.load(prior_key(provider, options, whole.name, name, source), rebuild_damaged=True)
+    return None if maps is None else {key: values[:count].clone() for key, values in maps.items()}
+
+
+def attach_priors(
+    dataset: LabelledDataset, spec: PriorSpec, console: Console, whole: LabelledDataset | None = None
+) -> LabelledDataset:
     """``dataset`` with the maps of ``spec.provider`` attached to each split.
 
     Loads them from the store; missing ones are built there first when ``spec.build``, with a
     progress bar per split (plain progress lines when the output is no terminal), else
-    :class:`PriorsNotBuiltError` names the command that builds them.
+    :class:`PriorsNotBuiltError` names the command that builds them. When ``dataset`` holds the
+    first images of each split of ``whole`` (``data.subset``), a split whose own maps are not
+    stored is served from the whole split's maps: priors built once for a dataset serve its
+    smoke runs too.
     """
     options = provider_options(spec.provider, spec.options)
     provider = create_provider(spec.provider, spec.options)
@@ -168,13 +195,22 @@ def attach_priors(dataset: LabelledDataset, spec: PriorSpec, console: Console) -
         name: prior_key(provider, options, dataset.name, name, split)
         for name, split in _splits(dataset).items()
     }
-    maps = {name: store.load(key) for name, key in keys.items()}
+    try:  # a damaged store file is rebuilt when building, else named with the command that does
+        maps = {name: store.load(key, rebuild_damaged=spec.build) for name, key in keys.items()}
+    except DamagedFileError as error:
+        fix = f"build it again with `{spec.command()}`, or pass --build-priors"
+        raise DamagedFileError(error.path, error.problem, fix) from None
+    if whole is not None and whole is not dataset:
+        for name, split in _splits(dataset).items():
+            if maps[name] is None:
+                maps[name] = _first_maps_of_whole(store, provider, options, whole, name, split)
     missing = [name for name, found in maps.items() if found is None]
     if missing and not spec.build:
         raise PriorsNotBuiltError(
             f"the '{spec.provider}' priors of {dataset.name} ({', '.join(missing)} at "
             f"{dataset.image_size} px) are not built yet in the store {store.root}; build them with "
-            f"`{spec.command()}`, or pass --build-priors to build them now"
+            f"`{spec.command()}`, or pass --build-priors to build them now (priors built without "
+            "--subset serve every subset too)"
         )
     if missing:
         splits = _splits(dataset)

@@ -53,6 +53,9 @@ class PriorProvider(abc.ABC):
     def compute(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Per-pixel maps of a chunk of images.
 
+        Each image's maps must depend on that image alone, not on the others of the chunk: the
+        store serves a subset of a split (``data.subset``) from the first maps of the whole split.
+
         Args:
             images: ``[N, H, W, 3]`` uint8 RGB.
 

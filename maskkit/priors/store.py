@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from maskkit.cache import cached_tensors, load_if_valid
-from maskkit.errors import ConfigError
+from maskkit.errors import ConfigError, DamagedFileError
 
 #: Environment variable that overrides the default store folder.
 PRIORS_DIR_ENV = "MASKKIT_PRIORS_DIR"
@@ -112,9 +112,21 @@ class PriorStore:
     def path(self, key: PriorKey) -> Path:
         return self.root / key.relative_path
 
-    def load(self, key: PriorKey) -> dict[str, Tensor] | None:
-        """The stored maps of ``key`` (name → ``[N, S, S]`` uint8), or None if not built."""
-        maps = load_if_valid(self.path(key))
+    def load(self, key: PriorKey, rebuild_damaged: bool = False) -> dict[str, Tensor] | None:
+        """The stored maps of ``key`` (name → ``[N, S, S]`` uint8), or None if not built.
+
+        A file that does not read back (truncated, overwritten) raises
+        :class:`~maskkit.errors.DamagedFileError`, unless ``rebuild_damaged``: then it reads as not
+        built, and :meth:`build` replaces it.
+        """
+        path = self.path(key)
+        maps = load_if_valid(path)
+        if maps is None and path.is_file() and not rebuild_damaged:
+            raise DamagedFileError(
+                path,
+                "not a readable safetensors file",
+                "build it again with `maskkit priors build` (the same options), or pass --build-priors",
+            )
         return None if maps is None or not _fits(maps, key) else maps
 
     def build(self, key: PriorKey, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:

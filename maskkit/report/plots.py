@@ -8,6 +8,7 @@ returns ``path`` as a :class:`~pathlib.Path`.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from pathlib import Path
@@ -50,6 +51,17 @@ def panel_of(key: str) -> str:
         if any(key == m or (m.endswith("/") and key.startswith(m)) for m in members):
             return title
     return key
+
+
+def panel_title(panel: str, keys: set[str]) -> str:
+    """The title of a panel holding ``keys``: a shared panel's own title when every key it names
+    was logged, else the keys it has, so that no title promises a line the panel lacks (a
+    ``random`` run logs ``val/accuracy`` but no ``val/majority_rate``)."""
+    members = dict(SHARED_PANELS).get(panel)
+    if members is None or any(member.endswith("/") for member in members):
+        return panel
+    present = [member for member in members if member in keys]
+    return panel if len(present) == len(members) else ", ".join(present)
 
 
 def _save(fig: Figure, path: Path | str, dpi: int) -> Path:
@@ -251,7 +263,7 @@ def plot_training_curves(
             else:
                 label = stage
             ax.plot(xs, ys, label=label, marker="o" if len(points) == 1 else None, linewidth=1.4)
-        ax.set_title(panel, fontsize=10)
+        ax.set_title(panel_title(panel, {key for _, key in series}), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         if panel in LOG_SCALE_PANELS and all(y > 0 for points in series.values() for _, y in points):
@@ -317,6 +329,7 @@ def plot_mask_grid(
     *,
     priors: np.ndarray | None = None,
     prior_label: str = "prior",
+    title: str | None = None,
     dpi: int = DEFAULT_DPI,
     cell_inches: float = 1.6,
 ) -> Path:
@@ -343,6 +356,7 @@ def plot_mask_grid(
         row_labels: optional N labels (e.g. class names) written left of each row.
         priors: optional ``[N, h, w]`` prior maps in [0, 1], per pixel or on the patch grid.
         prior_label: the prior column's title and colorbar label.
+        title: optional figure title above the columns (e.g. the run and its checkpoint).
         dpi: resolution of the PNG.
         cell_inches: size of one image cell.
 
@@ -420,6 +434,8 @@ def plot_mask_grid(
             axes[i, 0].set_ylabel(_short(row_labels[i], 14), fontsize=8)
     for j, overlay in drawn.items():
         fig.colorbar(overlay, ax=axes[:, j].tolist(), label=col_titles[j], shrink=0.9)
+    if title:  # wrapped to the figure's width (about 12 characters an inch at 9 pt)
+        fig.suptitle(textwrap.fill(title, width=max(24, int(fig.get_figwidth() * 12))), fontsize=9)
     return _save(fig, path, dpi)
 
 
