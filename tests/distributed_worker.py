@@ -19,7 +19,7 @@ import torch
 from helpers import quiet_context, synthetic_dataset, tiny_config
 
 from maskkit import distributed
-from maskkit.engine import betty_glue
+from maskkit.engine import hypergradient
 from maskkit.engine.pretrain import Pretrainer
 from maskkit.engine.run import build_models
 
@@ -37,11 +37,11 @@ CASES: dict[str, dict] = {
     "mlo, cg": {
         "policy": "mlo",
         "policy_options": {"hidden_dim": 4},
-        "pretrain": {"mask": {"hypergradient": "cg", "cg_iterations": 2}},
+        "pretrain": {"hypergradient": {"estimator": "cg", "cg_iterations": 2}},
     },
     "mlo-light, darts finite-difference, reference weighting": {
         "policy": "mlo-light",
-        "pretrain": {"weighting": "reference", "mask": {"darts_mode": "finite-difference"}},
+        "pretrain": {"weighting": "reference", "hypergradient": {"darts_mode": "finite-difference"}},
     },
     "random": {"policy": "random"},
 }
@@ -60,19 +60,28 @@ CASES[BROKEN] = CASES[FIRST]
 
 @contextlib.contextmanager
 def _products_not_averaged() -> Iterator[None]:
-    original = betty_glue.global_product
-    betty_glue.global_product = lambda vector, current, following: betty_glue.JACOBIAN_PRODUCTS[
-        current.config.type
+    original = hypergradient.global_product
+    hypergradient.global_product = lambda vector, current, following: hypergradient.ESTIMATORS[
+        current.estimator.estimator
     ](vector, current, following)
     try:
         yield
     finally:
-        betty_glue.global_product = original
+        hypergradient.global_product = original
 
 
 def _config(overrides: dict):
     levels = {"batch_size": GLOBAL_BATCH}
-    base = {"pretrain": {"pretrain": levels, "finetune": levels, "mask": levels}}
+    # A sampled mask is drawn by each process for its own slice, from its own stream (as random's
+    # noise is): number for number, the runs compare only under the deterministic top-k.
+    base = {
+        "pretrain": {
+            "pretrain": levels,
+            "finetune": levels,
+            "mask": levels,
+            "learned_mask": {"selection": "top-k"},
+        }
+    }
     policy = overrides.get("policy", "mlo-light")
     rest = {key: value for key, value in overrides.items() if key != "policy"}
     return tiny_config(policy, **_merge(base, rest))

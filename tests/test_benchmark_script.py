@@ -129,7 +129,7 @@ def test_variants_are_every_combination_of_the_values_given() -> None:
     override = Variant("2/1/1", "finite-difference", 4).config_override()
     assert override["pretrain"]["unroll_steps"] == 2
     assert override["finetune"]["unroll_steps"] == 4  # --mask-every wins over --unroll's finetune part
-    assert override["mask"]["darts_mode"] == "finite-difference"
+    assert override["hypergradient"]["darts_mode"] == "finite-difference"
     assert expand_variants(None, None, None) == [Variant()]
     for bad in (("1/1", None, None), (None, "central", None), (None, None, "0")):
         with pytest.raises(ValueError):

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskkit.engine.betty_glue import LevelSpec, MultiLevelOptimizer, darts_product
+from maskkit.config import HypergradientConfig
+from maskkit.engine.betty_glue import LevelSpec, MultiLevelOptimizer
+from maskkit.engine.hypergradient import darts_product
 
 
 class ToyAutoencoder(nn.Module):
@@ -56,7 +58,6 @@ def toy_levels(unroll: tuple[int, int, int] = (2, 1, 1), hypergradient: str = "d
             next_batch=_batches(seed),
             loss=loss,
             unroll_steps=steps,
-            hypergradient=hypergradient,
         )
 
     specs = {
@@ -64,7 +65,8 @@ def toy_levels(unroll: tuple[int, int, int] = (2, 1, 1), hypergradient: str = "d
         "finetune": spec("finetune", head, classification_loss, unroll[1], 2),
         "mask": spec("mask", weighting, classification_loss, unroll[2], 3),
     }
-    return MultiLevelOptimizer(specs, torch.device("cpu"), total_steps=100), weighting
+    estimator = HypergradientConfig(estimator=hypergradient)
+    return MultiLevelOptimizer(specs, torch.device("cpu"), total_steps=100, estimator=estimator), weighting
 
 
 @pytest.mark.parametrize(
@@ -122,7 +124,7 @@ def test_betty_darts_leaves_weights_shifted_which_maskkit_avoids():
     pretrain, mask = mlo.levels["pretrain"], mlo.levels["mask"]
     before = [p.detach().clone() for p in pretrain.trainable_parameters()]
     vector = [torch.randn_like(p) for p in before]
-    eps = pretrain.config.darts_alpha / torch.cat([v.flatten() for v in vector]).norm()
+    eps = pretrain.estimator.darts_alpha / torch.cat([v.flatten() for v in vector]).norm()
     betty.hypergradient.darts(vector, pretrain, mask)
     for b, v, p in zip(before, vector, pretrain.trainable_parameters(), strict=True):
         assert not torch.equal(p.detach(), b)

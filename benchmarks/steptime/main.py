@@ -50,7 +50,6 @@ def describe_run(
 ) -> dict[str, Any]:
     """Everything about the invocation that the report and the JSON need besides the rows."""
     configs = [make_config(args, args.policy_list[0], variant) for variant in args.variants]
-    mask = config.pretrain.mask
     return {
         "command": "python benchmarks/step_time.py " + shlex.join(argv),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -68,8 +67,8 @@ def describe_run(
             "steps_per_iteration": steps_per_iteration(config),
             "batch_sizes": level_settings(config)["batch_sizes"],
             "unroll": _joined([level_settings(item)["unroll"] for item in configs]),
-            "hypergradient": mask.hypergradient,
-            "darts_mode": _joined([item.pretrain.mask.darts_mode for item in configs]),
+            "hypergradient": config.pretrain.hypergradient.estimator,
+            "darts_mode": _joined([item.pretrain.hypergradient.darts_mode for item in configs]),
             "weighting": config.pretrain.weighting,
             "policy_subprocess": args.policy_subprocess,
             "num_images": args.num_images,

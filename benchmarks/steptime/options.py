@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY.PATH=VALUE",
-        help="config override, e.g. pretrain.mask.hypergradient=cg (repeatable)",
+        help="config override, e.g. pretrain.hypergradient.estimator=cg (repeatable)",
     )
     parser.add_argument(
         "--policies",
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--darts-mode",
         default=None,
         metavar="MODE[,MODE]",
-        help="pretrain.mask.darts_mode: exact, finite-difference, or both (default: the config's)",
+        help="pretrain.hypergradient.darts_mode: exact, finite-difference, or both (default: the config's)",
     )
     compare.add_argument(
         "--mask-every",

@@ -74,8 +74,12 @@ def describe_policy(config: RunConfig, policy: str, variant: Variant, variant_in
         "steps_per_iteration": steps_per_iteration(config),
         "batch_sizes": {level: getattr(levels, level).batch_size for level in LEVELS},
         "unroll_steps": {level: getattr(levels, level).unroll_steps for level in LEVELS},
-        "hypergradient": levels.mask.hypergradient if learnable else None,
-        "darts_mode": levels.mask.darts_mode if learnable and levels.mask.hypergradient == "darts" else None,
+        "hypergradient": levels.hypergradient.estimator if learnable else None,
+        "darts_mode": (
+            levels.hypergradient.darts_mode
+            if learnable and levels.hypergradient.estimator == "darts"
+            else None
+        ),
         "weighting": levels.weighting,
     }
 

@@ -23,7 +23,7 @@ class Variant:
 
     Attributes:
         unroll: ``"p/f/m"``, the unroll steps of the pretrain, finetune and mask levels.
-        darts_mode: ``pretrain.mask.darts_mode``, how each ``darts`` product is evaluated.
+        darts_mode: ``pretrain.hypergradient.darts_mode``, how each ``darts`` product is evaluated.
         mask_every: ``pretrain.finetune.unroll_steps`` (applied after ``unroll``): the mask level
             then updates once every ``mask_every`` finetune steps, i.e. every
             ``p · mask_every`` pretrain steps, the amortisation knob.
@@ -55,7 +55,7 @@ class Variant:
         if self.mask_every is not None:
             levels.setdefault("finetune", {})["unroll_steps"] = self.mask_every
         if self.darts_mode is not None:
-            levels.setdefault("mask", {})["darts_mode"] = self.darts_mode
+            levels.setdefault("hypergradient", {})["darts_mode"] = self.darts_mode
         return levels
 
     def to_dict(self) -> dict[str, Any]:

@@ -118,7 +118,9 @@ def count_parameters(config: RunConfig) -> dict[str, int]:
     learnable = policy_info(config.policy).learnable
     with torch.device("meta"):
         mae = MaskedAutoencoderViT(config.model)
-        policy = create_policy(config.policy, policy_context(mae), config.policy_options)
+        policy = create_policy(
+            config.policy, policy_context(mae, config.pretrain.learned_mask), config.policy_options
+        )
         head = ClassifierHead(config.model.embed_dim, NUM_CLASSES, config.finetune.head_dropout)
     counts = {
         "mae": sum(p.numel() for p in mae.parameters()),
