@@ -14,10 +14,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+# Nothing imported here may import torch: `maskkit --help` answers at once (tests/test_cli_startup.py).
+# Commands import what needs torch when they run.
 from maskkit.config import DEFAULT_PRESET, PRESETS, build_config, config_to_yaml, parse_override
-from maskkit.distributed import DEFAULT_TIMEOUT_S, CollectiveFailure, launched_by_torchrun, stop
+from maskkit.consoles import user_console
 from maskkit.errors import ConfigError, MaskkitError
 from maskkit.launch import LaunchFailed, report_worker_failure, run_with_torchrun, worker_arguments
+from maskkit.torchrun_env import DEFAULT_TIMEOUT_S, CollectiveFailure, launched_by_torchrun
 
 app = typer.Typer(
     name="maskkit",
@@ -31,8 +34,32 @@ app.add_typer(config_app, name="config")
 priors_app = typer.Typer(help="Prior providers and the priors store.", no_args_is_help=True)
 app.add_typer(priors_app, name="priors")
 
-console = Console()
+console = user_console()  # no source links in console.log; no wrapping in a pipe
 error_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: the installed package's version (``importlib.metadata``), then exit."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("maskkit")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from maskkit import __version__ as installed
+    typer.echo(f"maskkit {installed}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Options of ``maskkit`` itself (``--version``); each command has its own."""
 # Width for tables printed to a pipe: wide enough that no row ever wraps.
 UNWRAPPED_WIDTH = 10_000
 
@@ -67,6 +94,9 @@ def policies(
             info.description,
         )
     _table_console().print(table)
+    from maskkit.bench.suite import NONE_POLICY_NOTE
+
+    _table_console().print(escape(NONE_POLICY_NOTE), highlight=False)
     _print_failures(registry.failures)
 
 
@@ -88,28 +118,38 @@ def _print_failures(failures: list) -> None:
         )
 
 
-@priors_app.command("list")
-def priors_list() -> None:
-    """List installed prior providers: name, distribution, maps, options, description."""
-    import inspect
+#: ``priors list`` fits its table in this many columns at most (its cells wrap, one option a line).
+PRIORS_TABLE_WIDTH = 110
 
-    from maskkit.plugins import get_registry
+
+@priors_app.command("list")
+def priors_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (providers, their option defaults, load failures).")
+    ] = False,
+) -> None:
+    """List installed prior providers: name, distribution, maps, options, description."""
+    from maskkit.plugins import get_registry, providers_as_dict
     from maskkit.priors.store import default_store_dir
 
     registry = get_registry()
-    table = Table(title="Installed prior providers")
+    if as_json:
+        listing = {**providers_as_dict(registry), "store": str(default_store_dir())}
+        typer.echo(json.dumps(listing, indent=2, ensure_ascii=False, default=repr))
+        return
+    table = Table(title="Installed prior providers", title_justify="left")
     _name_column(table, registry.providers)
-    for column in ("distribution", "maps", "options (default)", "description"):
-        table.add_column(column)
+    table.add_column("distribution")  # these three stay whole unless the window is narrow
+    table.add_column("maps")
+    table.add_column("options (default)", overflow="fold")
+    table.add_column("description", ratio=1, min_width=12)
     for info in sorted(registry.providers.values(), key=lambda item: item.name):
-        parameters = inspect.signature(info.provider_class).parameters.values()
-        options = ", ".join(
-            f"{p.name}={p.default!r}" for p in parameters if p.default is not inspect.Parameter.empty
-        )
+        options = "\n".join(f"{name}={value!r}" for name, value in info.option_defaults.items())
         table.add_row(
             info.name, info.distribution, ", ".join(sorted(info.provides)), options or "-", info.description
         )
-    _table_console().print(table)
+    width = min(console.width, PRIORS_TABLE_WIDTH) if console.is_terminal else PRIORS_TABLE_WIDTH
+    Console(width=width).print(table)
     console.print(f"priors store: {default_store_dir()} (--priors-dir or $MASKKIT_PRIORS_DIR to change)")
     _print_failures(registry.failures)
 
@@ -227,7 +267,7 @@ def train(
         Path | None, typer.Option(help="Run directory (default: runs/<time>-<policy>-<dataset>).")
     ] = None,
     assignments: Annotated[
-        list[str] | None, typer.Option("--set", help="Override any config key: --set pretrain.mask.lr=1e-4")
+        list[str] | None, typer.Option("--set", help="Override any config key: --set pretrain.mask.lr=1.0e-4")
     ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint.")
@@ -255,8 +295,17 @@ def train(
             help="Seconds a process of a multi-process run waits for the others before the run stops.",
         ),
     ] = DEFAULT_TIMEOUT_S,
+    logger: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--logger",
+            help="Where metrics go besides metrics.jsonl: csv, tensorboard, wandb, mlflow (comma-separated "
+            "or repeated; config key `loggers`; all but csv need their extra, docs/install.md).",
+        ),
+    ] = None,
 ) -> None:
     """Pretrain (MLO when the policy is learnable), fine-tune and evaluate."""
+    from maskkit.distributed import stop
     from maskkit.engine import run as runs
 
     overrides = _overrides(policy, dataset, data_dir, mask_ratio, seed, device, download, assignments or [])
@@ -264,6 +313,9 @@ def train(
         overrides.append({"prior": prior})
     if build_priors:
         overrides.append({"data": {"build_priors": True}})
+    if logger:  # --logger csv,wandb --logger mlflow
+        names = [name.strip() for item in logger for name in item.split(",")]
+        overrides.append({"loggers": [name for name in names if name]})
     if resume is not None and (config_file is not None or preset != DEFAULT_PRESET or run_dir is not None):
         raise ConfigError(
             "--resume continues a run with its saved config: drop --config, --preset and --run-dir"
@@ -319,6 +371,92 @@ def visualize(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory whose pretraining has ended.")],
+    format: Annotated[
+        str, typer.Option("--format", help="timm (timm.create_model) or hf (transformers' ViTModel).")
+    ] = "timm",
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder, new or empty (default: RUN_DIR/export/<format>).")
+    ] = None,
+    checkpoint: Annotated[
+        str,
+        typer.Option(help="pretrained (the end of pretraining) or final (the fine-tuned encoder, no head)."),
+    ] = "pretrained",
+) -> None:
+    """Write the run's ViT encoder (weights in safetensors and a config) for timm or transformers."""
+    from maskkit.export import export_run
+
+    path = export_run(run_dir, format, out, checkpoint)
+    loader = (
+        f'timm.create_model("local-dir:{path}", pretrained=True)'
+        if format == "timm"
+        else f'transformers.ViTModel.from_pretrained("{path}", add_pooling_layer=False)'
+    )
+    console.print(f"exported the '{checkpoint}' encoder to {path}; load it with {loader}", highlight=False)
+
+
+@app.command()
+def trial(
+    source: Annotated[
+        str, typer.Option("--from", help="RUN_DIR[:POINTER]: the checkpoint to fork (default pointer: last).")
+    ],
+    policy: Annotated[str, typer.Option(help="Policy A, the one under test (see `maskkit policies`).")],
+    against: Annotated[str, typer.Option(help="Policy B, the baseline.")] = "random",
+    forks: Annotated[int, typer.Option(help="N: forks (pairs of arms); the interval is over them.")] = 8,
+    steps: Annotated[int, typer.Option(help="K: pretrain steps per arm.")] = 40,
+    probe_images: Annotated[int, typer.Option(help="Training images of the linear probe.")] = 2000,
+    probe_c: Annotated[
+        float | None, typer.Option(help="The probe's C (default: chosen once on the starting encoder).")
+    ] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="A's policy option: k=v.")] = None,
+    against_option: Annotated[
+        list[str] | None, typer.Option("--against-option", help="B's policy option: k=v.")
+    ] = None,
+    policy_from: Annotated[
+        str | None, typer.Option(help="RUN_DIR[:POINTER] holding A's trained policy state.")
+    ] = None,
+    against_from: Annotated[
+        str | None, typer.Option(help="RUN_DIR[:POINTER] holding B's trained policy state.")
+    ] = None,
+    mask_ratio: Annotated[float | None, typer.Option(help="A's mask ratio (default: the run's).")] = None,
+    against_mask_ratio: Annotated[
+        float | None, typer.Option(help="B's mask ratio (default: the run's).")
+    ] = None,
+    mask_seed: Annotated[int, typer.Option(help="A's mask seed.")] = 0,
+    against_mask_seed: Annotated[int | None, typer.Option(help="B's mask seed (default: A's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the forks' batches and the probe's images.")] = 0,
+    lr: Annotated[
+        float | None, typer.Option(help="Constant pretrain lr (default: the run's base lr).")
+    ] = None,
+    prior: Annotated[str | None, typer.Option(help="Prior provider of a policy that reads priors.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N] (default: the run's).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")] = None,
+) -> None:
+    """Paired fork test: does policy A help pretraining more than B? (docs/trial.md)"""
+    from maskkit.engine import trial as trials
+
+    settings = trials.TrialSettings(
+        source=trials.RunSource.parse(source),
+        arm_a=trials.ArmSpec(
+            policy, _option_pairs(option or []), mask_ratio, mask_seed,
+            trials.RunSource.parse(policy_from) if policy_from else None,
+        ),
+        arm_b=trials.ArmSpec(
+            against, _option_pairs(against_option or []), against_mask_ratio,
+            mask_seed if against_mask_seed is None else against_mask_seed,
+            trials.RunSource.parse(against_from) if against_from else None,
+        ),
+        forks=forks, steps=steps, probe_images=probe_images, probe_c=probe_c, seed=seed, lr=lr,
+        prior=prior, device=device,
+    )  # fmt: skip
+    result = trials.run_trial(settings, console)
+    trials.print_trial(result, _table_console())
+    if json_path is not None:
+        console.print(f"saved [cyan]{trials.write_trial(result, json_path)}[/]")
+
+
+@app.command()
 def bench(
     suite_file: Annotated[Path, typer.Argument(help="A suite file (benchmarks/*.yaml; docs/bench.md).")],
     out: Annotated[
@@ -343,7 +481,9 @@ def bench(
     ] = False,
     report_only: Annotated[
         bool,
-        typer.Option("--report-only", help="Rebuild cells.csv, results.md and results.png; run nothing."),
+        typer.Option(
+            "--report-only", help="Rebuild cells.csv, results.md, results.png and forest.png; run nothing."
+        ),
     ] = False,
 ) -> None:
     """Run a benchmark suite: policies × datasets × seeds under one budget, then its report.
@@ -383,6 +523,7 @@ def main() -> None:
     ``MASKKIT_DEBUG=1`` the traceback of a user error is printed above its line (for plugin
     authors).
     """
+    _show_warnings_in_one_line()
     try:
         app()
     except MaskkitError as error:
@@ -398,6 +539,24 @@ def main() -> None:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         message = detail if isinstance(error, CollectiveFailure) else f"{type(error).__name__}: {detail}"
         _fail(message, 1, every_process=True, traceback_text=traceback.format_exc())
+
+
+def _show_warnings_in_one_line() -> None:
+    """maskkit's own warnings (:class:`~maskkit.errors.MaskkitWarning`) print as one
+    ``warning:`` line; every other warning as Python prints it."""
+    import warnings
+
+    from maskkit.errors import MaskkitWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+        if issubclass(category, MaskkitWarning):
+            error_console.print("[yellow]warning:[/]", escape(str(message)), highlight=False, soft_wrap=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _print_error(message: str) -> None:

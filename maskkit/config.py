@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from maskkit.errors import ConfigError, UnknownNameError
-from maskkit.weighting import WeightingName
+from maskkit.errors import ConfigError, UnknownNameError, warn_once
+from maskkit.weighting import RENAMED_WEIGHTINGS, WeightingName
 
 PRESETS = ("smoke", "cpu", "paper")
 DEFAULT_PRESET = "cpu"
@@ -83,20 +83,83 @@ class LevelConfig(OptimizerConfig):
     unroll_steps: int = Field(1, gt=0)
 
 
-class MaskLevelConfig(LevelConfig):
-    """Level 3, the mask policy; its gradient is the hypergradient.
+class HypergradientConfig(StrictModel):
+    """How the mask level's hypergradient approximates each best-response Jacobian, for every
+    level it passes through (``maskkit/engine/hypergradient.py``).
 
-    ``darts`` (first order, a unit inner step) evaluates each mixed second-derivative product
-    exactly in forward mode (``exact``) or by betty's central difference
-    (``finite-difference``); ``cg`` replaces the unit step by conjugate-gradient steps toward
-    the inverse Hessian. (betty's ``neumann`` is not offered: it diverges on the MAE; see
-    docs/mlo.md.)
+    ``estimator``: a name of that module's ``ESTIMATORS`` registry. ``darts`` (first order, a unit
+    inner step) evaluates each mixed second-derivative product exactly in forward mode
+    (``darts_mode: exact``) or by betty's central difference (``finite-difference``); ``cg``
+    replaces the unit step by conjugate-gradient steps toward the inverse Hessian. (betty's
+    ``neumann`` is not offered: it diverges on the MAE; see docs/mlo.md.)
     """
 
-    hypergradient: Literal["darts", "cg"] = "darts"
+    estimator: str = "darts"
     darts_mode: Literal["exact", "finite-difference"] = "exact"
     darts_alpha: float = Field(0.01, gt=0, description="finite-difference darts only: ε = α / ‖v‖")
     cg_iterations: int = Field(1, gt=0)
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        # The registry needs torch; it is read when a config is validated, not when this imports.
+        from maskkit.engine.hypergradient import ESTIMATORS
+
+        if name not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+        return name
+
+
+class LearnedMaskConfig(StrictModel):
+    """How stage 1 treats every learned (level-3) mask policy built on
+    :class:`maskkit.masking.LearnedMasking` (``docs/mlo.md``, "Keeping the learned mask alive").
+
+    The defaults keep the mask from saturating; ``paper`` turns them all off (the reference:
+    raw σ(logits), deterministic top-k, no warm-ups, no refit).
+
+    - ``logit_bound`` b: the logits are standardised per image and bounded, ``b·tanh(ẑ/b)``, so a
+      probability stays within σ(±b); 0 keeps the raw logits.
+    - ``selection``: ``sample`` masks the top-k of ``z/T + Gumbel`` (Plackett–Luce sampling
+      without replacement) in training, so every patch is masked now and then and no saturated
+      state is a fixed point; ``top-k`` masks the k highest logits (the reference). Evaluation
+      and diagnostics always use the top-k, the mode.
+    - ``temperature``: T at the start and at the end of stage 1 (linear in between).
+    - ``fan_in_scaling``: ``mlo``'s first layer sees tokens normalised per token and steps in
+      units of 1/√fan-in (an equalised learning rate), so one AdamW step cannot move a hidden
+      unit by lr·‖x‖₁.
+    - ``random_warmup``: share of stage 1 that masks uniformly at random with T frozen, so E and
+      the level-2 head reach a useful state before T learns from them.
+    - ``lr_warmup``: share of the mask level's steps (after the random warm-up) over which its lr
+      rises linearly from 0.
+    - ``head_refit_every``: every this many mask steps, the level-2 head's last layer is refitted
+      by a converged class-balanced logistic regression on ``head_refit_images`` cached features
+      of the finetune split (its best response); None never refits.
+    """
+
+    logit_bound: float = Field(3.0, ge=0)
+    selection: Literal["sample", "top-k"] = "sample"
+    temperature: tuple[float, float] = (1.0, 0.5)
+    fan_in_scaling: bool = True
+    random_warmup: float = Field(0.1, ge=0, lt=1)
+    lr_warmup: float = Field(0.1, ge=0, lt=1)
+    head_refit_every: int | None = Field(20, gt=0)
+    head_refit_images: int = Field(2048, gt=0)
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if min(value) <= 0:
+            raise ValueError(f"temperatures must be above 0, got {list(value)}")
+        return value
+
+
+#: Keys of ``pretrain.mask`` that moved to ``pretrain.hypergradient`` (old name → new name).
+_MOVED_ESTIMATOR_KEYS = {
+    "hypergradient": "estimator",
+    "darts_mode": "darts_mode",
+    "darts_alpha": "darts_alpha",
+    "cg_iterations": "cg_iterations",
+}
 
 
 class PretrainConfig(StrictModel):
@@ -108,19 +171,53 @@ class PretrainConfig(StrictModel):
     no part). ``weighting`` says how a policy's weights enter the
     pretrain loss (``maskkit/weighting.py``; ``reference`` is the paper's code).
     ``class_balanced`` weights the level-2 and level-3 cross-entropies by inverse class
-    frequency.
+    frequency. ``learned_mask`` says how a learned mask policy is kept from saturating and how
+    the level-2 head is kept near its best response (:class:`LearnedMaskConfig`).
     """
 
     epochs: float = Field(1.0, gt=0)
-    weighting: WeightingName = "hypergradient-only"
-    class_balanced: bool = False
+    weighting: WeightingName = "tempered"
+    tempered_alpha: float = Field(0.5, ge=0, le=1, description="α of the tempered weighting")
+    class_balanced: bool = True
     steps: int | None = Field(None, ge=0, description="0: no pretraining, a ViT from scratch")
     augment: Augment = "crop_flip"
     eval_every: int | None = Field(None, gt=0, description="pretrain steps between evaluations")
     checkpoint_every: int | None = Field(None, gt=0, description="pretrain steps between checkpoints")
     pretrain: LevelConfig = LevelConfig(lr=1e-3, unroll_steps=2)
     finetune: LevelConfig = LevelConfig(lr=1e-3)
-    mask: MaskLevelConfig = MaskLevelConfig(lr=1e-3)
+    mask: LevelConfig = LevelConfig(lr=1e-3)
+    hypergradient: HypergradientConfig = HypergradientConfig()
+    learned_mask: LearnedMaskConfig = LearnedMaskConfig()
+
+    @field_validator("weighting", mode="before")
+    @classmethod
+    def _renamed_weighting(cls, name: Any) -> Any:
+        if isinstance(name, str) and name in RENAMED_WEIGHTINGS:
+            warn_once(
+                f"config: pretrain.weighting '{name}' is now called '{RENAMED_WEIGHTINGS[name]}'; "
+                "update the config"
+            )
+            return RENAMED_WEIGHTINGS[name]
+        return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        """Old configs keep loading: ``pretrain.mask.hypergradient|darts_mode|darts_alpha|
+        cg_iterations`` are read as ``pretrain.hypergradient.*``, with a one-line warning."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("mask"), dict):
+            return raw
+        moved = {old: new for old, new in _MOVED_ESTIMATOR_KEYS.items() if old in raw["mask"]}
+        if not moved:
+            return raw
+        raw = {**raw, "mask": dict(raw["mask"])}
+        target = dict(raw.get("hypergradient") or {})
+        for old, new in moved.items():
+            target.setdefault(new, raw["mask"].pop(old))
+        raw["hypergradient"] = target
+        names = ", ".join(f"pretrain.mask.{old} → pretrain.hypergradient.{new}" for old, new in moved.items())
+        warn_once(f"config: renamed keys read under their new names ({names}); update the config")
+        return raw
 
 
 class FinetuneConfig(StrictModel):
@@ -172,6 +269,11 @@ class RunConfig(StrictModel):
     tensorboard: bool = Field(
         False,
         description="also write TensorBoard events to RUN_DIR/tensorboard (needs maskkit[tensorboard])",
+    )
+    loggers: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="where metrics go besides metrics.jsonl (--logger): csv (RUN_DIR/metrics.csv), "
+        "tensorboard, wandb, mlflow (maskkit.loggers; wandb and mlflow need maskkit[wandb|mlflow])",
     )
     protocols: bool = Field(
         False,
@@ -250,15 +352,20 @@ def format_validation_error(
     error: ValidationError,
     subject: str = "config",
     keys_hint: str = "`maskkit config show` lists valid keys",
+    model: type[BaseModel] | None = None,
 ) -> str:
     """One line per problem: ``key.path: message (got value)``, after ``invalid <subject>:``;
-    an unknown key's message points at ``keys_hint``."""
+    an unknown key's message names the nearest valid keys of ``model`` (when given) and points
+    at ``keys_hint``."""
+    from maskkit.config_keys import key_suggestion
+
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = f"unknown key (check the spelling; {keys_hint})"
+            meant = key_suggestion(model, item["loc"]) if model is not None else ""
+            message = f"unknown key ({meant or 'check the spelling; '}{keys_hint})"
         got = item.get("input")
         shown = "" if isinstance(got, dict) or item["type"] == "extra_forbidden" else f" (got {got!r})"
         problems.append(f"{location}: {message}{shown}")
@@ -283,7 +390,7 @@ def validate_config(raw: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error)) from None
+        raise ConfigError(format_validation_error(error, model=RunConfig)) from None
 
 
 def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
@@ -303,6 +410,22 @@ def config_to_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+#: ``pretrain.learned_mask`` of a run saved before the section existed (2026-12): none of it.
+LEGACY_LEARNED_MASK = {
+    "logit_bound": 0,
+    "selection": "top-k",
+    "fan_in_scaling": False,
+    "random_warmup": 0,
+    "lr_warmup": 0,
+    "head_refit_every": None,
+}
+
+
 def load_run_config(path: Path) -> RunConfig:
-    """Read a saved ``config.yaml``."""
-    return validate_config(read_yaml(path))
+    """Read a saved ``config.yaml``. A run saved before ``pretrain.learned_mask`` existed is read
+    as it ran: with none of it (:data:`LEGACY_LEARNED_MASK`)."""
+    raw = read_yaml(path)
+    pretrain = raw.get("pretrain")
+    if isinstance(pretrain, dict) and "learned_mask" not in pretrain:
+        raw = {**raw, "pretrain": {**pretrain, "learned_mask": LEGACY_LEARNED_MASK}}
+    return validate_config(raw)

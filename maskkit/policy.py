@@ -55,6 +55,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from maskkit.config import LearnedMaskConfig
 from maskkit.errors import PluginError
 
 
@@ -68,6 +69,8 @@ class PolicyContext:
         grid_size: patches per side (L = grid_size ** 2).
         patch_size: pixels per patch side.
         in_chans: image channels.
+        learned_mask: the run's ``pretrain.learned_mask``: how a learned mask is bounded,
+            sampled and warmed up (read by :class:`maskkit.masking.LearnedMasking`).
     """
 
     num_patches: int
@@ -75,6 +78,7 @@ class PolicyContext:
     grid_size: int
     patch_size: int
     in_chans: int = 3
+    learned_mask: LearnedMaskConfig = field(default_factory=LearnedMaskConfig)
 
 
 @dataclass
@@ -122,6 +126,9 @@ class MaskDecision:
         maps: named per-patch maps ``[B, L]`` the policy computed on the way (e.g. ``hpm``'s
             predicted loss). ``maskkit visualize`` draws each beside the mask, and they reach
             the policy's :meth:`MaskPolicy.pretrain_loss` with their graphs.
+        log_prob: ``[B]`` log-probability of each image's mask under the policy's sampling
+            distribution, with its graph into the policy, or None (a deterministic or fixed
+            mask). The ``score-function`` weighting reads it (:mod:`maskkit.weighting`).
     """
 
     ids_keep: Tensor
@@ -130,6 +137,7 @@ class MaskDecision:
     weights: Tensor | None = None
     scores: Tensor | None = None
     maps: dict[str, Tensor] = field(default_factory=dict)
+    log_prob: Tensor | None = None
 
     def detached(self) -> MaskDecision:
         """A copy whose weights and maps carry no graph (to keep for diagnostics)."""
@@ -140,6 +148,7 @@ class MaskDecision:
             weights=None if self.weights is None else self.weights.detach(),
             scores=self.scores,
             maps={name: value.detach() for name, value in self.maps.items()},
+            log_prob=None if self.log_prob is None else self.log_prob.detach(),
         )
 
 
@@ -316,6 +325,16 @@ def validate_decision(decision: MaskDecision, batch: MaskBatch, policy_name: str
             WEIGHTS_SHAPE_ADVICE,
             NONFINITE_WEIGHTS_ADVICE,
         )
+    if decision.log_prob is not None:
+        log_prob = decision.log_prob
+        if not isinstance(log_prob, Tensor) or tuple(log_prob.shape) != (batch_size,):
+            got = list(log_prob.shape) if isinstance(log_prob, Tensor) else type(log_prob).__name__
+            fail(
+                f"log_prob must be a [B] = [{batch_size}] tensor, got {got}",
+                "log_prob is one log-probability per image: sample_decision in maskkit.masking sets it",
+            )
+        if not bool(torch.isfinite(log_prob.detach()).all()):
+            fail("log_prob holds NaN/inf", NONFINITE_WEIGHTS_ADVICE)
     if not isinstance(decision.maps, dict):
         fail(f"maps is {type(decision.maps).__name__}, not a dict of [B, L] tensors", MAPS_ADVICE)
     for name, value in decision.maps.items():

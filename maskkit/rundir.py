@@ -6,12 +6,16 @@ Layout::
       config.yaml        resolved config
       metrics.jsonl      one JSON record per logged step or epoch
       summary.json       final metrics (written at the end)
+      predictions_test.npz  the test labels and class scores (softmax probabilities) the test metrics
+                         come from (written just before summary.json; maskkit.report.predictions)
       protocols.json     linear probe and k-NN of the frozen pretrained encoder (``protocols: true``;
                          written just before summary.json)
       checkpoints/       see maskkit.checkpoint
       plots/             PNG figures
-      tensorboard/       TensorBoard events of metrics.jsonl (``tensorboard: true``; see
+      tensorboard/       TensorBoard events of metrics.jsonl (``--logger tensorboard``; see
                          maskkit.tensorboard_log)
+      metrics.csv        metrics.jsonl as a table (``--logger csv``; maskkit.loggers.csv_log)
+      wandb/             W&B's files (``--logger wandb``); loggers.json: the W&B and MLflow run ids
 """
 
 from __future__ import annotations
@@ -24,16 +28,39 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from maskkit.errors import ConfigError
+from maskkit.errors import ConfigError, DamagedFileError
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+#: Permissions of the files and folders maskkit writes, whatever tool wrote them (tempfile's
+#: 0600/0700, safetensors' own): what ``open()`` and ``mkdir()`` give, 0644 and 0755 under the
+#: usual umask 022, so every file of a run reads the same to its owner's group and others.
+FILE_MODE = 0o666 & ~_umask()
+DIRECTORY_MODE = 0o777 & ~_umask()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    _atomic_write(path, "w", text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
+    _atomic_write(path, "wb", data)
+
+
+def _atomic_write(path: Path, mode: str, content: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
+        os.fchmod(handle, FILE_MODE)  # mkstemp makes it 0600
+        with os.fdopen(handle, mode) as file:
+            file.write(content)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -165,15 +192,33 @@ class RunDir:
         self.mirrors.clear()
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl``, in order.
+
+        A last line without its newline was cut by a crash mid-write and is skipped; bytes that
+        are no text, or any other line that is no JSON record, mean the file was damaged since
+        (:class:`~maskkit.errors.DamagedFileError`).
+        """
         if not self.metrics_path.exists():
             return []
+        path = self.metrics_path
+        fix = (
+            "delete the damaged lines, or the whole file (the run's checkpoints do not depend on it; "
+            "the training curves then start where it resumes), and run the command again"
+        )
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as error:
+            raise DamagedFileError(path, f"byte {error.start} is not UTF-8 text", fix) from None
         records = []
-        for line in self.metrics_path.read_text().splitlines():
+        for number, line in enumerate(lines[:-1], start=1):  # each complete line ends in "\n"
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write
-        return records
+                record = None
+            if not isinstance(record, dict):
+                raise DamagedFileError(path, f"line {number} is not a JSON record", fix)
+            records.append(record)
+        return records  # lines[-1]: "" after the last newline, or a line cut mid-write
 
     def truncate_metrics(self, position: tuple[str, int] | None) -> None:
         """Drop the records logged after ``(stage, step)`` (all of them for None): a resumed run
@@ -201,4 +246,16 @@ class RunDir:
         return path
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        """The JSON file ``name`` of the run (``summary.json``, ``protocols.json``, ...); one that
+        does not parse raises :class:`~maskkit.errors.DamagedFileError`."""
+        path = self.path / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            also = "" if name == "summary.json" else " and summary.json"
+            raise DamagedFileError(
+                path,
+                f"not JSON: {error}",
+                f"delete it{also} and run `maskkit train --resume {self.path}`, which writes it again "
+                "from the run's final checkpoint",
+            ) from None

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from maskkit.hookspecs import hookimpl
+from maskkit.masking import LearnedMasking, PerPatchScorer
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
 from maskkit.priors.provider import IMPORTANCE
-from maskkit_plugins.mlo import MLOLightMasking
 
 
 def _check_threshold(critical_threshold: float) -> None:
@@ -37,7 +37,7 @@ def critical_patches(batch: MaskBatch, threshold: float) -> Tensor:
     return (batch.priors[IMPORTANCE] >= threshold).float()
 
 
-class ConstraintMasking(MLOLightMasking):
+class ConstraintMasking(LearnedMasking):
     """The learned mlo-light mask plus a level-3 penalty λ on masking critical patches."""
 
     name = "constraint"
@@ -52,11 +52,15 @@ class ConstraintMasking(MLOLightMasking):
         critical_threshold: float = 0.5,
         hidden_dim: int = 64,
     ) -> None:
-        super().__init__(context, hidden_dim)
+        super().__init__(context)
+        self.scorer = PerPatchScorer.for_context(context, hidden_dim)
         if not penalty >= 0:
             raise ValueError(f"penalty (λ) must be at least 0, got {penalty!r}")
         _check_threshold(critical_threshold)
         self.penalty, self.critical_threshold = float(penalty), float(critical_threshold)
+
+    def mask_logits(self, tokens: Tensor) -> Tensor:
+        return self.scorer(tokens)
 
     def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
         if self.penalty == 0 or decision.weights is None:

@@ -1,50 +1,29 @@
 """``mlo`` and ``mlo-light``: masks learned by downstream feedback (MLO-MAE, Guo et al., 2024).
 
-Both return a sigmoid mask probability per patch. The patches with the lowest probability are
-kept, and the probabilities are the policy's loss weights: how they enter the pretrain loss, and
-so how the hypergradient reaches the policy, is the run's ``pretrain.weighting``
-(``maskkit/weighting.py``; equation 1 of the paper is ``reference``).
+Both are :class:`~maskkit.masking.LearnedMasking` policies: a scorer gives per-patch logits, σ of
+the bounded logits is the mask probability (the loss weights), and the mask is sampled from them
+in training (``pretrain.learned_mask``). How the weights enter the pretrain loss, and so how the
+hypergradient reaches the policy, is the run's ``pretrain.weighting`` (``maskkit/weighting.py``;
+equation 1 of the paper is ``reference``).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from maskkit.hookspecs import hookimpl
-from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
-
-
-def mask_probability(logits: Tensor) -> Tensor:
-    """``[B, L]`` logits → ``[B, L]`` mask probabilities σ(logits), in fp32 or wider.
-
-    Under bf16 autocast (on CUDA) the scorer's logits are bf16, and σ in bf16 rounds to exactly 1
-    from a logit of about 6.2 on: σ's derivative, computed from its output as σ(1 − σ), is then
-    exactly 0 and the hypergradient of every confident patch is cut. In fp32 that takes a logit
-    of about 17. fp64 logits (the hypergradient tests) stay fp64.
-    """
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).sigmoid()
-
-
-class LearnedMasking(MaskPolicy):
-    """Shared logic: a scorer gives logits ``[B, L]``; sigmoid gives the mask probability."""
-
-    learnable = True
-
-    def mask_logits(self, tokens: Tensor) -> Tensor:
-        """``[B, L, D]`` patch tokens → ``[B, L]`` logits."""
-        raise NotImplementedError
-
-    def forward(self, batch: MaskBatch) -> MaskDecision:
-        mask_prob = mask_probability(self.mask_logits(batch.tokens))  # [B, L]
-        return decision_from_scores(mask_prob, batch.mask_ratio, weights=mask_prob)
+from maskkit.masking import FanInScaledLinear, LearnedMasking, PerPatchScorer
+from maskkit.policy import MaskPolicy, PolicyContext
 
 
 class MLOMasking(LearnedMasking):
     """The reference masking network: an MLP over the *flattened* patch tokens.
 
     ``[B, L·D] → Linear(L·D, hidden) → ReLU → Linear(hidden, L)``. At ViT-B/2 (L=256, D=768)
-    the first layer alone has ~100 M weights.
+    the first layer alone has ~100 M weights. With ``pretrain.learned_mask.fan_in_scaling`` (the
+    default; off in ``paper``) each token is normalised (LayerNorm without affine) before the
+    flattening and the first layer is a :class:`~maskkit.masking.FanInScaledLinear`, so an AdamW
+    step cannot saturate it.
     """
 
     name = "mlo"
@@ -52,14 +31,16 @@ class MLOMasking(LearnedMasking):
 
     def __init__(self, context: PolicyContext, hidden_dim: int = 512) -> None:
         super().__init__(context)
-        self.scorer = nn.Sequential(
-            nn.Linear(context.num_patches * context.embed_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, context.num_patches),
+        fan_in = context.num_patches * context.embed_dim
+        scaled = context.learned_mask.fan_in_scaling
+        self.input_norm = (
+            nn.LayerNorm(context.embed_dim, elementwise_affine=False) if scaled else nn.Identity()
         )
+        first = FanInScaledLinear(fan_in, hidden_dim) if scaled else nn.Linear(fan_in, hidden_dim)
+        self.scorer = nn.Sequential(first, nn.ReLU(), nn.Linear(hidden_dim, context.num_patches))
 
     def mask_logits(self, tokens: Tensor) -> Tensor:
-        return self.scorer(tokens.flatten(1))
+        return self.scorer(self.input_norm(tokens).flatten(1))
 
 
 class MLOLightMasking(LearnedMasking):
@@ -74,15 +55,10 @@ class MLOLightMasking(LearnedMasking):
 
     def __init__(self, context: PolicyContext, hidden_dim: int = 64) -> None:
         super().__init__(context)
-        self.scorer = nn.Sequential(
-            nn.LayerNorm(context.embed_dim),
-            nn.Linear(context.embed_dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, 1),
-        )
+        self.scorer = PerPatchScorer.for_context(context, hidden_dim)
 
     def mask_logits(self, tokens: Tensor) -> Tensor:
-        return self.scorer(tokens).squeeze(-1)
+        return self.scorer(tokens)
 
 
 @hookimpl

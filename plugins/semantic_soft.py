@@ -7,9 +7,12 @@ patches are masked less often but not never:
     scores_bj = s_bj − β·h_bj + τ·g_bj,   g_bj ~ Logistic(0, 1),   mask the top r·L scores.
 
 ``semantic-soft`` (learnable, level 3 of MLO): ``s`` is the ``mlo-light`` scorer of the patch
-tokens; its weights are the mask probability ``w_bj = σ(s_bj − β·h_bj)``, so the hypergradient
-reaches the scorer *and* β through ``∂w/∂β = −h·σ'(s − β·h)``. β is learned (``learn_beta``,
-the default) or fixed.
+tokens, bounded as every :class:`~maskkit.masking.LearnedMasking`'s logits are, and ``−β·h`` its
+:meth:`~maskkit.masking.LearnedMasking.logit_bias`, added after the bound so that β keeps its
+scale; σ of the sum is the mask probability (the weights), and in training the mask is sampled
+from it (``pretrain.learned_mask``), which takes the place of the logistic noise; with
+``selection: top-k`` the noise τ·g is added to the ranking as before. The hypergradient reaches
+the scorer *and* β through the weights. β is learned (``learn_beta``, the default) or fixed.
 
 ``semantic-soft-fixed`` (single level): ``s = 0``, no weights. With β = 0 and τ = 1 it is MAE's
 uniform random masking (σ of a logistic variable is uniform); β > 0 biases it away from the
@@ -22,15 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from maskkit.hookspecs import hookimpl
+from maskkit.masking import LearnedMasking, PerPatchScorer, logistic_noise, mask_probability
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
 from maskkit.priors.provider import IMPORTANCE
-from maskkit_plugins.mlo import MLOLightMasking, mask_probability
-
-
-def logistic_noise(like: Tensor) -> Tensor:
-    """``[B, L]`` draws of Logistic(0, 1), ``log u − log(1 − u)``, from the global RNG."""
-    uniform = torch.rand(like.shape, device=like.device).clamp_(1e-6, 1 - 1e-6)
-    return uniform.log() - (-uniform).log1p()
 
 
 def _check(beta: float, noise: float) -> None:
@@ -40,7 +37,7 @@ def _check(beta: float, noise: float) -> None:
         raise ValueError(f"beta must be a number, got {beta!r}")
 
 
-class SemanticSoftMasking(MLOLightMasking):
+class SemanticSoftMasking(LearnedMasking):
     """Learned mask logits biased by the prior, ``σ(s − β·h)``; β learned at level 3 or fixed."""
 
     name = "semantic-soft"
@@ -56,8 +53,9 @@ class SemanticSoftMasking(MLOLightMasking):
         noise: float = 1.0,
         hidden_dim: int = 64,
     ) -> None:
-        super().__init__(context, hidden_dim)
+        super().__init__(context)
         _check(beta, noise)
+        self.scorer = PerPatchScorer.for_context(context, hidden_dim)
         self.noise = float(noise)
         initial = torch.tensor(float(beta))
         if learn_beta:
@@ -65,14 +63,20 @@ class SemanticSoftMasking(MLOLightMasking):
         else:
             self.register_buffer("beta", initial)
 
+    def mask_logits(self, tokens: Tensor) -> Tensor:
+        return self.scorer(tokens)
+
+    def logit_bias(self, batch: MaskBatch) -> Tensor:
+        return -self.beta * batch.priors[IMPORTANCE]  # [B, L], after the scorer's bound
+
     def forward(self, batch: MaskBatch) -> MaskDecision:
-        importance = batch.priors[IMPORTANCE]  # [B, L]
-        logits = self.mask_logits(batch.tokens) - self.beta * importance  # [B, L]
-        mask_prob = mask_probability(logits)
-        scores = logits.detach()
-        if self.noise:
-            scores = scores + self.noise * logistic_noise(scores)
-        return decision_from_scores(scores, batch.mask_ratio, weights=mask_prob)
+        settings = self.context.learned_mask
+        if not self.training or settings.selection == "sample" or not self.noise or self.in_random_warmup():
+            return super().forward(batch)
+        # Deterministic selection (top-k): the logistic noise keeps important patches masked now and then.
+        logits = self.logits(batch)
+        scores = logits.detach() + self.noise * logistic_noise(logits)
+        return decision_from_scores(scores, batch.mask_ratio, weights=mask_probability(logits))
 
     def statistics(self) -> dict[str, float]:
         return {"beta": float(self.beta.detach())}

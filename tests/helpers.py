@@ -67,6 +67,9 @@ def tiny_config(policy: str = "mlo-light", **overrides) -> RunConfig:
             "pretrain": levels,
             "finetune": levels,
             "mask": levels,
+            # Bounded logits and sampled masks, as by default; no warm-ups or head refits, which
+            # would take all of a 4-step run (tests of those set them).
+            "learned_mask": {"random_warmup": 0, "lr_warmup": 0, "head_refit_every": None},
         },
         "finetune": {"epochs": 1, "batch_size": 8, "augment": "none", "head_dropout": 0.0},
     }
@@ -85,13 +88,22 @@ def quiet_context(config: RunConfig, dataset: LabelledDataset, run_path: Path) -
     )
 
 
-def write_medmnist_npz(path: Path, sizes: tuple[int, int, int] = (64, 32, 32), classes: int = 7) -> Path:
-    """A small file in the MedMNIST npz layout (``*_images [N, 28, 28, 3]``, ``*_labels [N, 1]``)."""
+def write_medmnist_npz(
+    path: Path,
+    sizes: tuple[int, int, int] = (64, 32, 32),
+    classes: int = 7,
+    test_labels: np.ndarray | None = None,
+) -> Path:
+    """A small file in the MedMNIST npz layout (``*_images [N, 28, 28, 3]``, ``*_labels [N, 1]``).
+
+    Labels cycle through the classes, except ``test_labels`` (``[N_test]``) when given."""
     rng = np.random.default_rng(0)
     arrays = {}
     for split, count in zip(("train", "val", "test"), sizes, strict=True):
         arrays[f"{split}_images"] = rng.integers(0, 256, (count, 28, 28, 3), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(count) % classes).astype(np.uint8).reshape(-1, 1)
+    if test_labels is not None:
+        arrays["test_labels"] = np.asarray(test_labels, dtype=np.uint8).reshape(-1, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return path

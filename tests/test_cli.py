@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import MASKKIT_CLI, SHARED_DATA, write_medmnist_npz
 from PIL import Image
@@ -92,6 +94,15 @@ def test_evaluate_prints_and_saves_the_metrics(smoke_run):
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert saved["accuracy"] == pytest.approx(summary["test_accuracy"])
     assert "accuracy" in result.stdout and "weighted_f1" in result.stdout
+    # AUC and balanced accuracy, in the table and the JSON, and the scores they come from.
+    assert "auc" in result.stdout and "balanced_accuracy" in result.stdout
+    assert saved["auc"] == pytest.approx(summary["test_auc"], abs=1e-6) and 0 <= saved["auc"] <= 1
+    assert saved["balanced_accuracy"] == pytest.approx(summary["test_balanced_accuracy"])
+    with np.load(smoke_run / "predictions_test.npz") as predictions:
+        assert predictions["scores"].shape == (32, 7) and predictions["labels"].shape == (32,)
+    # One confusion matrix of the test split: the run's own, redrawn; no identical copy beside it.
+    assert (smoke_run / "plots" / "confusion_matrix.png").is_file()
+    assert not (smoke_run / "plots" / "confusion_matrix_test.png").exists()
 
 
 @pytest.mark.slow
@@ -101,6 +112,40 @@ def test_visualize_draws_the_learned_mask_grid(smoke_run, tmp_path):
     assert result.returncode == 0, result.stderr
     image = Image.open(output)
     assert image.size[0] > image.size[1] / 3  # four columns (with the heatmap) of three rows
+
+
+@pytest.mark.slow
+def test_visualize_says_when_it_draws_a_checkpoint_from_the_middle_of_pretraining(smoke_run, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(smoke_run, unfinished)
+    (unfinished / "checkpoints" / "pretrained.json").unlink()  # as if stopped during pretraining
+    best_step = json.loads((unfinished / "checkpoints" / "best.json").read_text())["step"]
+    result = maskkit("visualize", unfinished, "--num-images", "2", "--output", tmp_path / "grid.png")
+    assert result.returncode == 0, result.stderr
+    output = " ".join(result.stdout.split())
+    drawn = f"checkpoint 'best' (mid-pretraining, step {best_step} of 8)"
+    assert f"warning: unfinished has not finished pretraining: drawing its {drawn}" in output
+    assert f"policy mlo, {drawn})" in output  # the saved line; the figure's title says the same
+    result = maskkit("visualize", smoke_run, "--num-images", "2", "--output", tmp_path / "done.png")
+    output = " ".join(result.stdout.split())
+    assert "warning" not in output and "checkpoint 'pretrained' (end of pretraining, step 8)" in output
+
+
+def test_describe_checkpoint_names_the_stage_and_step():
+    from maskkit.engine.inspect_run import describe_checkpoint
+
+    pretrain = {"stage": "pretrain", "step": 120}
+    assert describe_checkpoint("pretrained", {**pretrain, "step": 200}, 200) == (
+        "checkpoint 'pretrained' (end of pretraining, step 200)",
+        True,
+    )
+    assert describe_checkpoint("best", pretrain, 200) == (
+        "checkpoint 'best' (mid-pretraining, step 120 of 200)",
+        False,
+    )
+    assert describe_checkpoint("last", {"stage": "finetune", "step": 7}, 200)[0] == (
+        "checkpoint 'last' (finetune step 7)"
+    )
 
 
 def test_unknown_policy(data_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
 import re
@@ -44,6 +45,14 @@ def test_the_site_builds_in_strict_mode_with_no_warning(tmp_path: Path) -> None:
     site = tmp_path / "site"
     cli_page = (site / "reference" / "cli" / "index.html").read_text()
     assert "maskkit train" in cli_page and "--resume" in cli_page
+    # Defaults written with <placeholders> reach the page as text, not as HTML tags that vanish.
+    assert "runs/--" not in cli_page and "runs/bench/<" not in cli_page
+    assert "runs/&lt;time&gt;-&lt;policy&gt;-&lt;dataset&gt;" in cli_page
+    assert "runs/bench/&lt;name&gt;" in cli_page
+    # The command lists are whole and the usage lines name arguments as --help does.
+    visible = html.unescape(re.sub(r"<[^>]+>", "", cli_page))  # the text, out of its highlighting
+    assert "…" not in cli_page and "{run_dir}" not in visible
+    assert "$ maskkit evaluate [OPTIONS] RUN_DIR" in visible and "runs/<time>-<policy>-<dataset>" in visible
     assert "decision_from_scores" in (site / "reference" / "api" / "policy" / "index.html").read_text()
     assert "PriorProvider" in (site / "reference" / "api" / "priors" / "index.html").read_text()
     assert "average_gradients_" in (site / "reference" / "api" / "distributed" / "index.html").read_text()
@@ -77,6 +86,20 @@ def test_the_cli_reference_shows_every_command_and_option() -> None:
     assert {"priors list", "priors build"} <= {" ".join(p) for p, _ in commands}
     for option in ("`--nproc", "`--prior", "`--build-priors", "`--collective-timeout", "`--option"):
         assert option in markdown, option
+
+
+def test_the_cli_reference_escapes_placeholders_and_lists_commands_whole() -> None:
+    markdown = _cli_reference_hook().cli_reference_markdown()
+    assert "runs/&lt;time&gt;-&lt;policy&gt;-&lt;dataset&gt;" in markdown
+    assert "<time>" not in markdown.replace("`--run-dir <path>`", "")
+    assert "`maskkit policies`" in markdown  # code spans are left as they are
+    root = typer.main.get_command(app)
+    context = typer.Context(root, info_name="maskkit")
+    for name in root.list_commands(context):
+        first_sentence = root.get_command(context, name).help.split("\n\n")[0].replace("\n", " ").strip()
+        assert f"* `{name}`: {first_sentence.replace('<', '&lt;').replace('>', '&gt;')}" in markdown, name
+    assert "{run_dir}" not in markdown and "$ maskkit bench [OPTIONS] SUITE_FILE" in markdown
+    assert "--set pretrain.mask.lr=1.0e-4" in markdown  # YAML reads 1e-4 as a string
 
 
 # A figure still to be made leaves this comment where it goes (a link to a missing file would

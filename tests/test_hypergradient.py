@@ -22,7 +22,7 @@ the finetune path is small.
 
 Randomness is matched: the references replay the dropout draws the engine's level-3 loss and
 level-2 product used. The mask decision is held at the one the engine's pretrain product used
-(the top-k is not differentiable). Under ``hypergradient-only`` E's step is plain MAE, so the
+(the top-k is not differentiable). Under ``straight-through`` E's step is plain MAE, so the
 reference is the unrolled derivative of the surrogate that weighting defines: E's step under
 the normalized weighting at weights ``1 + w(T) − w(T₀)``.
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from helpers import quiet_context, synthetic_dataset, tiny_config
 
-from maskkit.engine import betty_glue
+from maskkit.engine import hypergradient
 from maskkit.engine.objectives import mask_batch
 from maskkit.engine.pretrain import Pretrainer
 from maskkit.engine.run import build_models
@@ -62,15 +62,15 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a, b, dim=0))
 
 
-def _build(tmp_path, policy: str, weighting: str, precision: str = "fp32", **mask_level) -> Pretrainer:
+def _build(tmp_path, policy: str, weighting: str, precision: str = "fp32", **estimator) -> Pretrainer:
     """A tiny three-level run in float64 (``precision="bf16"``: float32 weights under bf16
-    autocast instead); ``mask_level`` sets options of ``pretrain.mask``."""
+    autocast instead); ``estimator`` sets options of ``pretrain.hypergradient``."""
     torch.manual_seed(0)
     config = tiny_config(
         policy,
         precision=precision,
         policy_options={"hidden_dim": 4 if policy == "mlo-light" else 2},
-        pretrain={"weighting": weighting, "mask": mask_level},
+        pretrain={"weighting": weighting, "hypergradient": estimator},
         finetune={"head_dropout": HEAD_DROPOUT},
     )
     dataset = synthetic_dataset()
@@ -99,6 +99,7 @@ class EngineRun:
     moved: torch.Tensor  # [P], the mask level's update
     val_rng: torch.Tensor  # RNG state when the level-3 loss drew its dropout
     finetune_pair_rng: torch.Tensor | None  # RNG state when the level-2 product drew its dropout
+    pretrain_pair: object = None  # the pretrain product's shared part: its (sampled) decision
 
 
 def _run_engine(pretrainer: Pretrainer) -> EngineRun:
@@ -118,6 +119,15 @@ def _run_engine(pretrainer: Pretrainer) -> EngineRun:
     finetune_pair = pretrainer.mlo.levels["finetune"].spec.functional
     mask_spec.loss = recording("val", mask_spec.loss)
     finetune_pair.prepare = recording("finetune_pair", finetune_pair.prepare)
+    pretrain_functional = pretrainer.mlo.levels["pretrain"].spec.functional
+    pairs: list = []
+    prepare_pretrain = pretrain_functional.prepare
+
+    def keeping_the_pair(batch):
+        pairs.append(prepare_pretrain(batch))
+        return pairs[-1]
+
+    pretrain_functional.prepare = keeping_the_pair
     policy_before = [p.detach().clone() for p in pretrainer.policy.parameters()]
     pretrainer.mlo.request_path_hypergradients()
     pretrainer.mlo.step(1)  # pretrain step, finetune step, mask step (hypergradient)
@@ -130,6 +140,7 @@ def _run_engine(pretrainer: Pretrainer) -> EngineRun:
         moved=_flat(pretrainer.policy.parameters()) - _flat(policy_before),
         val_rng=states["val"],
         finetune_pair_rng=states.get("finetune_pair"),
+        pretrain_pair=pairs[0] if pairs else None,  # cg evaluates the loss, not the pair
     )
 
 
@@ -160,7 +171,7 @@ def _unrolled_validation_loss(pretrainer: Pretrainer, run: EngineRun, path: str,
         if path == "finetune-pretrain":
             torch.set_rng_state(run.finetune_pair_rng)
             images, labels, _ = levels["finetune"].cur_batch
-            finetune_loss = F.cross_entropy(head(mae.features(images)), labels)
+            finetune_loss = objectives.head_loss(mae.features(images), labels)  # class-balanced
             grads = torch.autograd.grad(finetune_loss, head_params)
             with torch.no_grad():
                 for p, g in zip(head_params, grads, strict=True):
@@ -182,8 +193,9 @@ def _finite_difference(pretrainer: Pretrainer, run: EngineRun, path: str, step: 
     with torch.no_grad():
         for p, before in zip(pretrainer.policy.parameters(), run.policy_before, strict=True):
             p.copy_(before)
-    # The decision (and, for the surrogate, w(T₀)) the engine's pretrain product used.
-    pair = pretrainer.objectives.pretrain_pair(pretrainer.mlo.levels["pretrain"].cur_batch)
+    # The decision (sampled: the very draw) and, for the surrogate, w(T₀) the engine's pretrain
+    # product used.
+    pair = run.pretrain_pair
     estimates = []
     for parameter in pretrainer.policy.parameters():
         flat = parameter.data.view(-1)
@@ -239,7 +251,12 @@ def cases(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("weighting", WEIGHTINGS)
+# `score-function` learns through the sampling distribution, not through an unrolled step at a
+# fixed mask (its check is tests/test_learned_mask.py's brute-force expectation).
+UNROLLED_WEIGHTINGS = [name for name in WEIGHTINGS if name != "score-function"]
+
+
+@pytest.mark.parametrize("weighting", UNROLLED_WEIGHTINGS)
 @pytest.mark.parametrize("policy", ["mlo-light", "mlo"])
 def test_each_path_follows_its_unrolled_finite_difference(cases, policy, weighting):
     pretrainer, run, references = cases(policy, weighting)
@@ -259,12 +276,13 @@ def test_each_path_follows_its_unrolled_finite_difference(cases, policy, weighti
 
 
 def _mutant(kind: str, path: str, pretrainer: Pretrainer):
-    """A Jacobian product broken on ``path``: at that path's first product, the result is cut
-    to zero, sign-flipped, or buried in noise three times its size."""
+    """A Jacobian product broken on ``path``: at that path's last product (the one into T), the
+    result is cut to zero, sign-flipped, or buried in noise three times its size. (Noise on an
+    earlier product into E can shrink on its way to T below what the check sees.)"""
     # In per-path mode the engine pushes each path in betty's order, one product per edge.
-    calls = [betty_glue.path_name(p) for p in pretrainer.mlo.levels["mask"].paths for _ in p[2:]]
-    target = calls.index(path)
-    original = betty_glue.darts_product
+    calls = [hypergradient.path_name(p) for p in pretrainer.mlo.levels["mask"].paths for _ in p[2:]]
+    target = len(calls) - 1 - calls[::-1].index(path)
+    original = hypergradient.darts_product
     count = {"calls": 0}
     generator = torch.Generator().manual_seed(0)
 
@@ -286,9 +304,9 @@ def _mutant(kind: str, path: str, pretrainer: Pretrainer):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["cut", "flip", "noise"])
 def test_the_check_fails_when_a_path_is_broken(cases, tmp_path, monkeypatch, kind, path):
-    _, _, references = cases("mlo-light", "hypergradient-only")
-    pretrainer = _build(tmp_path, "mlo-light", "hypergradient-only")
-    monkeypatch.setitem(betty_glue.JACOBIAN_PRODUCTS, "darts", _mutant(kind, path, pretrainer))
+    _, _, references = cases("mlo-light", "straight-through")
+    pretrainer = _build(tmp_path, "mlo-light", "straight-through")
+    monkeypatch.setitem(hypergradient.ESTIMATORS, "darts", _mutant(kind, path, pretrainer))
     run = _run_engine(pretrainer)
     problems = check_paths(run, references)
     assert any(problem.startswith(f"path {path}:") for problem in problems), problems
@@ -299,7 +317,7 @@ def test_the_check_fails_when_a_path_is_broken(cases, tmp_path, monkeypatch, kin
 FINITE_DIFFERENCE = {"darts_mode": "finite-difference", "darts_alpha": 1e-5}
 
 
-@pytest.mark.parametrize("weighting", ["reference", "hypergradient-only"])
+@pytest.mark.parametrize("weighting", ["reference", "straight-through"])
 def test_finite_difference_darts_follows_each_path_too(cases, tmp_path, weighting):
     _, _, references = cases("mlo-light", weighting)
     run = _run_engine(_build(tmp_path, "mlo-light", weighting, **FINITE_DIFFERENCE))
@@ -315,11 +333,11 @@ def test_the_exact_product_runs_under_bf16_autocast_and_agrees_with_fp32(tmp_pat
         under_autocast.append(torch.is_autocast_enabled("cpu"))
         return torch.func.jvp(*args, **kwargs)
 
-    monkeypatch.setattr(betty_glue, "jvp", recording_jvp)
-    bf16 = _run_engine(_build(tmp_path, "mlo-light", "hypergradient-only", precision="bf16"))
+    monkeypatch.setattr(hypergradient, "jvp", recording_jvp)
+    bf16 = _run_engine(_build(tmp_path, "mlo-light", "straight-through", precision="bf16"))
     # Split by path: the finetune-level product, and the pretrain-level product once per path.
     assert under_autocast == [True, True, True]
-    fp32_products = _build(tmp_path, "mlo-light", "hypergradient-only", precision="bf16")
+    fp32_products = _build(tmp_path, "mlo-light", "straight-through", precision="bf16")
     for level in fp32_products.mlo.levels.values():
         if level.spec.functional is not None:
             level.spec.functional.exact_precision = contextlib.nullcontext
@@ -331,15 +349,15 @@ def test_the_exact_product_runs_under_bf16_autocast_and_agrees_with_fp32(tmp_pat
 
 def test_finite_difference_without_matched_random_draws_fails_the_check(cases, tmp_path, monkeypatch):
     # The dropout defect: the two sides of the finetune pair draw different dropout masks.
-    _, _, references = cases("mlo-light", "hypergradient-only")
-    monkeypatch.setattr(betty_glue, "same_random_draws", lambda device: contextlib.nullcontext())
-    run = _run_engine(_build(tmp_path, "mlo-light", "hypergradient-only", **FINITE_DIFFERENCE))
+    _, _, references = cases("mlo-light", "straight-through")
+    monkeypatch.setattr(hypergradient, "same_random_draws", lambda device: contextlib.nullcontext())
+    run = _run_engine(_build(tmp_path, "mlo-light", "straight-through", **FINITE_DIFFERENCE))
     assert any(problem.startswith("path finetune-pretrain:") for problem in check_paths(run, references))
 
 
 def test_merged_paths_give_the_same_hypergradient_as_split_ones(tmp_path):
-    split = _run_engine(_build(tmp_path, "mlo-light", "hypergradient-only"))
-    merged_pretrainer = _build(tmp_path, "mlo-light", "hypergradient-only")
+    split = _run_engine(_build(tmp_path, "mlo-light", "straight-through"))
+    merged_pretrainer = _build(tmp_path, "mlo-light", "straight-through")
     merged_pretrainer.mlo.step(1)  # no split requested: one pretrain pair for both paths
     merged = _flat(merged_pretrainer.mlo.levels["mask"].last_hypergradient)
     assert merged_pretrainer.mlo.levels["mask"].last_path_hypergradients == {}
@@ -370,8 +388,8 @@ def test_fixed_policy_runs_the_pretrain_level_alone(tmp_path):
 def test_cg_agrees_with_darts_on_each_path_of_a_tiny_vit(cases, tmp_path, policy):
     # It used to drop the finetune path (a zero product into E) and to crash on the ViT's
     # attention (no double backward through the fused kernel) at the first MLO iteration.
-    _, darts, _ = cases(policy, "hypergradient-only")
-    run = _run_engine(_build(tmp_path, policy, "hypergradient-only", hypergradient="cg"))
+    _, darts, _ = cases(policy, "straight-through")
+    run = _run_engine(_build(tmp_path, policy, "straight-through", estimator="cg"))
     for path in PATHS:
         assert run.parts[path].norm() > 0, path
         assert _cosine(run.parts[path], darts.parts[path]) > 0.95, path
@@ -387,10 +405,10 @@ def test_conjugate_gradient_solves_positive_definite_systems_and_stops_at_negati
         return matrix, lambda d: [matrix @ d[0]]
 
     matrix, matvec = matvec_of([0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
-    (solution,) = betty_glue.conjugate_gradient(matvec, vector, iterations=6)
+    (solution,) = hypergradient.conjugate_gradient(matvec, vector, iterations=6)
     assert torch.allclose(solution, torch.linalg.solve(matrix, vector[0]))
-    (partial,) = betty_glue.conjugate_gradient(matvec, vector, iterations=2)
+    (partial,) = hypergradient.conjugate_gradient(matvec, vector, iterations=2)
     assert (matrix @ partial - vector[0]).norm() < vector[0].norm()  # two steps already help
     _, indefinite = matvec_of([-4.0, -2.0, -1.0, -0.5, -0.1, -0.05])
-    (fallback,) = betty_glue.conjugate_gradient(indefinite, vector, iterations=6)
+    (fallback,) = hypergradient.conjugate_gradient(indefinite, vector, iterations=6)
     assert torch.equal(fallback, vector[0])  # no positive curvature: the identity (darts)

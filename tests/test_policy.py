@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from maskkit.config import LEGACY_LEARNED_MASK, LearnedMaskConfig
 from maskkit.errors import MaskkitError, PluginError
 from maskkit.plugins import create_policy
 from maskkit.policy import (
@@ -306,10 +307,16 @@ def test_learned_policies_give_weights_in_unit_interval_with_gradient(name: str)
     assert weights is not None and weights.shape == (3, 16)
     assert bool(((weights > 0) & (weights < 1)).all())
     assert weights.requires_grad
-    # the kept patches are those with the lowest mask probability
-    kept_weights = torch.gather(weights.detach(), 1, decision.ids_keep)
-    masked_weights = weights.detach()[decision.mask == 1].view(3, -1)
+    # In training the mask is sampled (it has a log-probability); in eval mode, its mode, the
+    # kept patches are those with the lowest mask probability.
+    assert decision.log_prob is not None and decision.log_prob.requires_grad
+    policy.eval()
+    mode = policy(batch)
+    assert mode.log_prob is None
+    kept_weights = torch.gather(mode.weights.detach(), 1, mode.ids_keep)
+    masked_weights = mode.weights.detach()[mode.mask == 1].view(3, -1)
     assert bool((kept_weights.max(dim=1).values <= masked_weights.min(dim=1).values).all())
+    policy.train()
 
     (weights * decision.mask).sum().backward()
     for param_name, param in policy.named_parameters():
@@ -346,8 +353,10 @@ def test_policy_options_reach_the_constructor() -> None:
 @pytest.mark.parametrize("name", ["mlo", "mlo-light"])
 def test_confident_mask_probabilities_keep_their_gradient_under_bf16_autocast(name) -> None:
     """A logit of 8 is σ = 1 exactly in bf16, and σ(1 − σ) = 0 would cut the hypergradient: the
-    learned policies take σ in fp32, so the weights still have a gradient there."""
-    context = PolicyContext(num_patches=16, embed_dim=8, grid_size=4, patch_size=4)
+    learned policies take σ in fp32, so the weights still have a gradient there. (With the
+    reference's raw logits: bounded logits never reach 8.)"""
+    raw = LearnedMaskConfig(**LEGACY_LEARNED_MASK)
+    context = PolicyContext(num_patches=16, embed_dim=8, grid_size=4, patch_size=4, learned_mask=raw)
     policy = create_policy(name, context)
     last = [module for module in policy.modules() if isinstance(module, nn.Linear)][-1]
     with torch.no_grad():

@@ -130,7 +130,7 @@ class VectorStatistics(RegularizerBug):
         return {"ratios": torch.ones(3)}
 
 
-def _objectives(policy_class: type[MaskPolicy], weighting: str = "hypergradient-only") -> MLOObjectives:
+def _objectives(policy_class: type[MaskPolicy], weighting: str = "straight-through") -> MLOObjectives:
     torch.manual_seed(0)
     mae = MaskedAutoencoderViT(ModelConfig(**TINY_MODEL))
     policy = policy_class(policy_context(mae))
@@ -171,7 +171,7 @@ def _assert_one_line_naming(error: PolicyRaisedError, policy: str, method: str, 
     ],
 )
 def test_an_exception_in_forward_is_one_line_wherever_the_engine_calls_it(call: str) -> None:
-    weighting = "reference" if "reference" in call else "hypergradient-only"
+    weighting = "reference" if "reference" in call else "straight-through"
     objectives = _objectives(ShapeBug, weighting)
     if call == "mask_loss":  # forward is called there for the regulariser only
         objectives = _objectives(ShapeBugWithPenalty)

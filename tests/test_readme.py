@@ -15,7 +15,8 @@ def _setup_commands() -> list[str]:
 
 def test_readme_has_exactly_two_setup_commands():
     install, tests = _setup_commands()
-    assert "python3 -m venv .venv" in install and 'pip install -e ".[dev]"' in install
+    assert "python3 -m venv .venv" in install
+    assert 'pip install -c requirements/constraints.txt -e ".[dev]"' in install  # the figures' versions
     assert "maskkit train" in install
     assert tests == ".venv/bin/python -m pytest -q"
 

@@ -7,17 +7,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from maskkit.checkpoint import checkpoint_path, load_checkpoint
 from maskkit.config import load_run_config
 from maskkit.data import normalize
 from maskkit.engine.context import RunContext
 from maskkit.engine.objectives import decide, masked_reconstruction
+from maskkit.engine.pretrain import pretrain_steps
 from maskkit.engine.run import build_models, prepare
 from maskkit.errors import ConfigError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.policy import MaskDecision, MaskPolicy
 from maskkit.report import plot_confusion_matrix, plot_mask_grid, print_metrics
+from maskkit.report.predictions import predictions_file, write_predictions
 from maskkit.rundir import RunDir
 from maskkit.weighting import loss_weighting
 
@@ -44,8 +47,16 @@ def _open(
     return RunContext(config, device, dataset, splits, run, console), mae, policy, head
 
 
+def confusion_matrix_file(split: str) -> str:
+    """The test split's matrix is the run's own ``confusion_matrix.png`` (redrawn, not copied
+    beside it); another split's is ``confusion_matrix_<split>.png``."""
+    return "confusion_matrix.png" if split == "test" else f"confusion_matrix_{split}.png"
+
+
 def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
-    """Evaluate the fine-tuned model of a run on ``split`` (test or val); save JSON and PNG."""
+    """Evaluate the fine-tuned model of a run on ``split`` (test or val); save the metrics
+    (``evaluation_<split>.json``), the labels and class scores (``predictions_<split>.npz``) and
+    the confusion matrix PNG."""
     if split not in ("test", "val"):
         raise ConfigError(f"unknown split '{split}'; use test or val")
     context, mae, _, head = _open(run_dir, console, with_priors=False)  # the classifier needs none
@@ -56,13 +67,15 @@ def evaluate_run(run_dir: Path, split: str, console: Console) -> dict:
     pointer = _first_available(run, ("final",))
     device = str(context.device)
     load_checkpoint(run.checkpoints, pointer, map_location=device).load_into({"mae": mae, "head": head})
-    metrics = context.evaluate(ViTClassifier(mae, head), target)
+    metrics, predictions = context.evaluate_with_predictions(ViTClassifier(mae, head), target)
     print_metrics(metrics, console, title=f"{split} metrics of {run.path.name}")
+    scores = write_predictions(run.path / predictions_file(split), predictions, metrics["class_names"])
     run.write_json(f"evaluation_{split}.json", metrics)
     png = plot_confusion_matrix(
-        metrics["confusion_matrix"], metrics["class_names"], run.plots / f"confusion_matrix_{split}.png"
+        metrics["confusion_matrix"], metrics["class_names"], run.plots / confusion_matrix_file(split)
     )
-    console.print(f"saved [cyan]{run.path / f'evaluation_{split}.json'}[/] and [cyan]{png}[/]")
+    saved = run.path / f"evaluation_{split}.json"
+    console.print(f"saved [cyan]{saved}[/], [cyan]{scores}[/] and [cyan]{png}[/]")
     return metrics
 
 
@@ -78,6 +91,22 @@ def patch_maps(decision: MaskDecision, grid_size: int) -> dict[str, np.ndarray]:
         low, high = values.min(dim=1, keepdim=True).values, values.max(dim=1, keepdim=True).values
         maps[name] = (values - low) / (high - low).clamp_min(1e-12)
     return {name: values.reshape(-1, grid_size, grid_size).cpu().numpy() for name, values in maps.items()}
+
+
+def describe_checkpoint(pointer: str, state: dict, pretrain_total: int) -> tuple[str, bool]:
+    """How ``maskkit visualize`` names the checkpoint it draws, and whether it is the end of
+    pretraining: ``("checkpoint 'best' (mid-pretraining, step 120 of 200)", False)``."""
+    step, stage = state.get("step"), state.get("stage", "pretrain")
+    finished = pointer == "pretrained" or (stage == "pretrain" and step == pretrain_total)
+    if step is None:
+        where = "end of pretraining" if finished else "step unknown"
+    elif stage != "pretrain":
+        where = f"{stage} step {step}"
+    elif finished:
+        where = f"end of pretraining, step {step}"
+    else:
+        where = f"mid-pretraining, step {step} of {pretrain_total}"
+    return f"checkpoint '{pointer}' ({where})", finished
 
 
 #: Masks drawn to estimate the masking frequency of a policy that gives no mask probability.
@@ -98,9 +127,12 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
         context.device,
     )
     pointer = _first_available(run, ("pretrained", "best", "last"))
-    load_checkpoint(run.checkpoints, pointer, map_location=str(device)).load_into(
-        {"mae": mae, "policy": policy}
-    )
+    checkpoint = load_checkpoint(run.checkpoints, pointer, map_location=str(device))
+    checkpoint.load_into({"mae": mae, "policy": policy})
+    drawn, finished = describe_checkpoint(pointer, checkpoint.state, pretrain_steps(context))
+    if not finished:
+        warning = f"{run.path.name} has not finished pretraining: drawing its {drawn}"
+        console.print(f"[yellow]warning[/]: {escape(warning)}")
     mae.eval()
     policy.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -111,7 +143,7 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
     priors = {  # name → [N, H, W] in [0, 1], as the batches serve them
         name: splits.test.priors[name][indices].to(device).float() / 255.0 for name in sorted(policy.requires)
     }
-    weighting = loss_weighting(config.pretrain.weighting)
+    weighting = loss_weighting(config.pretrain.weighting, config.pretrain.tempered_alpha)
     torch.manual_seed(seed)
     reconstruction = masked_reconstruction(mae, policy, images, config.mask_ratio, weighting, priors)
     decision, pred = reconstruction.decision, reconstruction.pred
@@ -152,8 +184,7 @@ def visualize_run(run_dir: Path, num_images: int, output: Path | None, seed: int
         heatmaps=heatmaps or None,
         priors=prior_maps,
         prior_label=prior_label,
+        title=f"{run.path.name}: {config.policy}, {drawn}",
     )
-    console.print(
-        f"saved [cyan]{path}[/] ({count} test images, policy {config.policy}, checkpoint '{pointer}')"
-    )
+    console.print(f"saved [cyan]{path}[/] ({count} test images, policy {config.policy}, {drawn})")
     return path

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -97,10 +97,11 @@ def decide(
     batch the policy saw (tokens as the weighting lets it see them), and its checked decision.
     """
     tokens = mae.embed(images)  # [B, L, D]
-    if not bool(torch.isfinite(tokens).all()):
-        # Checked before the policy sees them: non-finite tokens would otherwise surface as a
-        # "malformed decision" of a policy that did nothing wrong.
-        raise TrainingDivergedError("the patch embeddings became non-finite")
+    if not bool(torch.isfinite(tokens.detach().float().square().sum(dim=-1)).all()):
+        # Checked before the policy sees them: non-finite tokens, or tokens whose squared norm
+        # overflows fp32 (a normalisation inside the policy would turn them into NaN), would
+        # otherwise surface as a "malformed decision" of a policy that did nothing wrong.
+        raise TrainingDivergedError("the patch embeddings became non-finite (or overflow fp32)")
     batch = mask_batch(mae, images, weighting.policy_tokens(tokens), mask_ratio, priors)
     return tokens, batch, checked_decision(policy, batch)
 
@@ -120,8 +121,16 @@ def masked_reconstruction(
     pred = mae.decode(latent, decision.ids_restore)  # [B, L, p·p·C]
     error = mae.reconstruction_error(images, pred)  # [B, L]
     weights = None if decision.weights is None else full_precision(decision.weights)
-    loss = weighting.loss(error, decision.mask, weights)
+    loss = weighting.loss(error, decision.mask, weights, decision.log_prob)
     return Reconstruction(loss=loss, decision=decision, pred=pred, error=error, batch=seen)
+
+
+def _cuda_devices(tensor: Tensor) -> list:
+    return [tensor.device] if tensor.device.type == "cuda" else []
+
+
+def _cuda_rng_state(tensor: Tensor) -> Tensor | None:
+    return torch.cuda.get_rng_state(tensor.device) if tensor.device.type == "cuda" else None
 
 
 @dataclass
@@ -139,6 +148,7 @@ class _PretrainPair:
     decision: MaskDecision
     weights: Tensor | None  # [B, L] with graph into T, or None when they follow E (reference)
     priors: PixelPriors  # name → [B, H, W], the images' priors
+    log_prob: Tensor | None = None  # [B] with graph into T: the sampled masks' log-probability
 
 
 @dataclass
@@ -165,6 +175,7 @@ class MLOObjectives:
     last_policy_pretrain: Tensor | None = None
     last_regularizer: Tensor | None = None
     _step_features: _StepFeatures | None = field(default=None, repr=False)
+    _pair_draw: tuple | None = field(default=None, repr=False)  # (key, CPU and CUDA RNG states)
 
     def _precision(self, purpose: str) -> contextlib.AbstractContextManager:
         """bf16 autocast for the levels' own steps; fp32 for the finite-difference evaluations of
@@ -176,11 +187,14 @@ class MLOObjectives:
         """Level 1: the weighted reconstruction loss, plus, in the level's own step, the policy's
         :meth:`~maskkit.policy.MaskPolicy.pretrain_loss` (the only place it is added)."""
         self.counts[f"pretrain/{purpose}"] += 1
-        with self._precision(purpose):
+        draw = self._hypergradient_draw(batch) if purpose == "hypergradient" else contextlib.nullcontext()
+        with self._precision(purpose), draw:
             result = masked_reconstruction(
                 self.mae, self.policy, batch.images, self.mask_ratio, self.weighting, batch.priors
             )
             loss = result.loss
+            if purpose == "step" and self.policy.learnable:
+                self.weighting.check_decision(result.decision.weights, result.decision.log_prob)
             if purpose == "step" and type(self.policy).pretrain_loss is not MaskPolicy.pretrain_loss:
                 term = checked_pretrain_loss(
                     self.policy, result.decision, result.batch, result.error.detach().float()
@@ -191,7 +205,32 @@ class MLOObjectives:
                     loss = loss + term
         if purpose == "step":
             self.last_pretrain = result.detached()
+            self._remember_draw(batch)
         return loss
+
+    @contextlib.contextmanager
+    def _hypergradient_draw(self, batch: Batch) -> Iterator[None]:
+        """Random draws of the hypergradient's pretrain-level evaluations (a sampled mask): the
+        same for every product of one pretrain step (one per path when the hypergradient is
+        split, the SNR probe's, each ``cg`` evaluation), and kept off the training's stream."""
+        images = batch.images
+        if self._pair_draw is None or self._pair_draw[0] != self._draw_key(batch):
+            self._remember_draw(batch)
+        devices = _cuda_devices(images)
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self._pair_draw[1])
+            if devices:
+                torch.cuda.set_rng_state(self._pair_draw[2], devices[0])
+            yield
+
+    def _draw_key(self, batch: Batch) -> tuple[int, int]:
+        return id(batch), self.counts["pretrain/step"]
+
+    def _remember_draw(self, batch: Batch) -> None:
+        """The random state the hypergradient's draws on ``batch`` start from: the training
+        stream's right after the pretrain step (so it does not depend on what the products of
+        the hypergradient drew before, e.g. the head's dropout)."""
+        self._pair_draw = (self._draw_key(batch), torch.get_rng_state(), _cuda_rng_state(batch.images))
 
     def pretrain_pair(self, batch: Batch) -> _PretrainPair:
         """What both sides of a ±εv pair on E share: one mask decision (a decision flipping
@@ -201,9 +240,10 @@ class MLOObjectives:
         with torch.no_grad():
             tokens = self.mae.embed(images)
         seen = mask_batch(self.mae, images, tokens, self.mask_ratio, batch.priors)
-        decision = checked_decision(self.policy, seen)
+        with self._hypergradient_draw(batch):
+            decision = checked_decision(self.policy, seen)
         weights = None if self.weighting.policy_reads_encoder else decision.weights
-        return _PretrainPair(images, decision, weights, batch.priors)
+        return _PretrainPair(images, decision, weights, batch.priors, decision.log_prob)
 
     def pretrain_loss_at(self, pair: _PretrainPair, params: dict[str, Tensor]) -> Tensor:
         """The pretrain loss at MAE weights ``params`` (detached) under the pair's decision: the
@@ -213,12 +253,12 @@ class MLOObjectives:
         inputs = (pair.images, decision.ids_keep, decision.ids_restore)
         tokens, pred = functional_call(self.mae, params, inputs)
         error = self.mae.reconstruction_error(pair.images, pred)
-        weights = pair.weights
+        weights, log_prob = pair.weights, pair.log_prob
         if self.weighting.policy_reads_encoder:
             seen = mask_batch(self.mae, pair.images, tokens, self.mask_ratio, pair.priors)
             with plugin_code(self.policy, "forward"):
                 weights = self.policy(seen).weights
-        return self.weighting.loss(error, decision.mask, weights)
+        return self.weighting.loss(error, decision.mask, weights, log_prob)
 
     # --- levels 2 and 3 ----------------------------------------------------------------------
     def features(self, images: Tensor) -> Tensor:
@@ -241,10 +281,11 @@ class MLOObjectives:
         """Cross-entropy of ``logits [B, classes]``, a mean over the batch. Class-weighted, it is
         Σ w_y·ℓ / Σ w_y; with several processes the denominator is the global batch's (its mean
         per process), so the processes' losses still average to the global batch's loss."""
-        if self.class_weights is None or world_size() == 1:
-            return F.cross_entropy(logits, labels, weight=self.class_weights)
-        weight_per_process = mean_of(float(self.class_weights[labels].sum()))
-        weighted_sum = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        weights = None if self.class_weights is None else self.class_weights.to(logits.dtype)
+        if weights is None or world_size() == 1:
+            return F.cross_entropy(logits, labels, weight=weights)
+        weight_per_process = mean_of(float(weights[labels].sum()))
+        weighted_sum = F.cross_entropy(logits, labels, weight=weights, reduction="sum")
         return weighted_sum / weight_per_process
 
     def finetune_loss(self, batch: Batch) -> Tensor:
@@ -287,7 +328,10 @@ class MLOObjectives:
                 with torch.no_grad():
                     tokens = self.mae.embed(images)
                 seen = mask_batch(self.mae, images, tokens, self.mask_ratio, batch.priors)
-                decision = checked_decision(self.policy, seen)
+                # A sampled mask would consume the training's random stream: the penalty reads
+                # the weights only, so the draw is kept off it.
+                with torch.random.fork_rng(devices=_cuda_devices(images)):
+                    decision = checked_decision(self.policy, seen)
                 penalty = checked_regularizer(self.policy, decision, seen)
             if penalty is not None:
                 penalty = full_precision(penalty).reshape(())

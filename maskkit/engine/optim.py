@@ -46,15 +46,19 @@ def adamw_from_config(parameters: nn.Module | list[dict], config: OptimizerConfi
 
 
 def cosine_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, frozen_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to zero at ``total_steps`` (stepped once per step)."""
+    """lr 0 for ``frozen_steps``, then a linear warm-up over ``warmup_steps``, then cosine decay
+    to zero at ``total_steps`` (stepped once per step)."""
     total_steps = max(1, total_steps)
 
     def factor(step: int) -> float:
+        if step < frozen_steps:
+            return 0.0
+        step -= frozen_steps
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - frozen_steps - warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

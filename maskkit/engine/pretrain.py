@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from maskkit.checkpoint import Checkpoint
-from maskkit.data import DeviceBatches
+from maskkit.data import DeviceBatches, ImageSplit
 from maskkit.distributed import gather_rows, mean_of, rank, restore_rng_state, world_size
 from maskkit.engine.betty_glue import FunctionalLoss, LevelSpec, MultiLevelOptimizer
 from maskkit.engine.context import RunContext
 from maskkit.engine.diagnostics import global_batch, mask_statistics, split_mask_statistics
+from maskkit.engine.head_refit import refit_head, refit_subset
+from maskkit.engine.mask_health import MaskHealth
 from maskkit.engine.objectives import MLOObjectives
 from maskkit.engine.optim import adamw_from_config, cosine_schedule, parameter_groups
 from maskkit.engine.policy_calls import (
@@ -32,7 +34,7 @@ from maskkit.engine.policy_calls import (
     distribution_of,
     plugin_code,
 )
-from maskkit.errors import PluginError
+from maskkit.errors import PluginError, TrainingDivergedError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.policy import MaskPolicy
 from maskkit.runtime import rng_state
@@ -84,7 +86,7 @@ class Pretrainer:
     def __post_init__(self) -> None:
         config, device = self.context.config, self.context.device
         self.total_steps = pretrain_steps(self.context)
-        self.weighting = loss_weighting(config.pretrain.weighting)
+        self.weighting = loss_weighting(config.pretrain.weighting, config.pretrain.tempered_alpha)
         self.policy_pretrain_parameters = policy_pretrain_parameters(self.policy)
         self.objectives = MLOObjectives(
             mae=self.mae,
@@ -109,9 +111,34 @@ class Pretrainer:
             self.batches["mask"] = self._batches(self.context.splits.mask_val, levels.mask.batch_size, 3)
             specs["finetune"] = self._finetune_spec()
             specs["mask"] = self._mask_spec()
-        self.mlo = MultiLevelOptimizer(specs, device, self.total_steps)
+        self.mlo = MultiLevelOptimizer(specs, device, self.total_steps, config.pretrain.hypergradient)
+        self.health: MaskHealth | None = None
+        self.refit_split: ImageSplit | None = None
+        self.last_refit = 0  # the mask step of the latest head refit
+        self.mask_stepped = False  # whether the latest step ended with a mask step
+        if self.mlo.is_multilevel:
+            assert self.head is not None
+            context = self.context
+            self.health = MaskHealth(
+                self.mae,
+                self.policy,
+                self.head,
+                context.splits.eval,
+                context.splits.mask_val,
+                config.mask_ratio,
+                self.weighting,
+                context.mean,
+                context.std,
+                context.autocast,
+                max(1, config.pretrain.mask.batch_size // world_size()),
+            )
+            learned = config.pretrain.learned_mask
+            if learned.head_refit_every is not None:
+                images = learned.head_refit_images
+                self.refit_split = refit_subset(context.splits.finetune, images, config.seed)
         self.best_accuracy: float | None = None
         self.evaluations: list[dict] = []
+        self.health_records: list[dict] = []
         self.start_step = 0
         self.seconds_before = 0.0
         self._started = time.perf_counter()
@@ -168,7 +195,6 @@ class Pretrainer:
             ),
             unroll_steps=level.unroll_steps,
             extra_parameters=policy_part,
-            **self._hypergradient_settings(),
         )
 
     def _finetune_spec(self) -> LevelSpec:
@@ -187,7 +213,6 @@ class Pretrainer:
                 objectives.finetune_pair, objectives.finetune_loss_at, self.context.autocast
             ),
             unroll_steps=level.unroll_steps,
-            **self._hypergradient_settings(),
         )
 
     def _mask_spec(self) -> LevelSpec:
@@ -196,26 +221,20 @@ class Pretrainer:
         optimizer = adamw_from_config(
             parameter_groups(self.policy, level.weight_decay, exclude=pretrain_part), level
         )
+        # T stays frozen while the masks are random (the random warm-up), then its lr warms up.
+        steps, learned = self.level_steps("mask"), self.context.config.pretrain.learned_mask
+        frozen = int(learned.random_warmup * steps)
+        warmup = int(learned.lr_warmup * (steps - frozen))
         return LevelSpec(
             name="mask",
             module=self.policy,
             optimizer=optimizer,
-            scheduler=cosine_schedule(optimizer, self.level_steps("mask")),
+            scheduler=cosine_schedule(optimizer, steps, warmup_steps=warmup, frozen_steps=frozen),
             next_batch=self.batches["mask"].next,
             loss=self.objectives.mask_loss,
             unroll_steps=level.unroll_steps,
             excluded_parameters=pretrain_part,
-            **self._hypergradient_settings(),
         )
-
-    def _hypergradient_settings(self) -> dict:
-        mask = self.context.config.pretrain.mask
-        return {
-            "hypergradient": mask.hypergradient,
-            "darts_alpha": mask.darts_alpha,
-            "darts_mode": mask.darts_mode,
-            "cg_iterations": mask.cg_iterations,
-        }
 
     # --- state ------------------------------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -238,6 +257,9 @@ class Pretrainer:
             "evaluation_counts": dict(self.objectives.counts),
             "evaluations": list(self.evaluations),
             "seconds": self.seconds_before + time.perf_counter() - self._started,
+            "health": self.health.state_dict() if self.health is not None else None,
+            "health_records": list(self.health_records),
+            "last_refit": self.last_refit,
         }
 
     def load_training_state(self, state: dict) -> None:
@@ -252,6 +274,10 @@ class Pretrainer:
         self.objectives.counts.clear()
         self.objectives.counts.update(state["evaluation_counts"])
         self.evaluations = list(state["evaluations"])
+        if self.health is not None and state.get("health"):
+            self.health.load_state_dict(state["health"])
+        self.health_records = list(state.get("health_records", []))
+        self.last_refit = state.get("last_refit", 0)
         self.seconds_before = state["seconds"]
         self.start_step = state["step"]
 
@@ -268,7 +294,49 @@ class Pretrainer:
         """Pretrain step ``step`` (1-based) and whatever upper-level steps follow it; the policy
         learns first where training stands (:meth:`MaskPolicy.set_progress`)."""
         checked_set_progress(self.policy, step, self.total_steps)
+        mask_steps = self.mlo.levels["mask"].count if self.mlo.is_multilevel else 0
         self.mlo.step(step)
+        self.mask_stepped = self.mlo.is_multilevel and self.mlo.levels["mask"].count > mask_steps
+        self._refit_head_when_due()
+
+    def _refit_head_when_due(self) -> None:
+        """Every ``head_refit_every`` mask steps, the level-2 head's last layer is refitted to its
+        best response (:func:`~maskkit.engine.head_refit.refit_head`)."""
+        every = self.context.config.pretrain.learned_mask.head_refit_every
+        if self.refit_split is None or every is None:
+            return
+        mask_steps = self.mlo.levels["mask"].count
+        if mask_steps == self.last_refit or mask_steps % every:
+            return
+        assert self.head is not None
+        context = self.context
+        optimizer = self.mlo.levels["finetune"].optimizer
+        refit_head(
+            self.head, self.mae, self.refit_split, optimizer, context.mean, context.std, context.autocast
+        )
+        self.last_refit = mask_steps
+
+    def _health_record(self, step: int) -> dict:
+        """The learned mask's health (:mod:`~maskkit.engine.mask_health`) at ``step``, logged."""
+        assert self.health is not None
+        record: dict = {"stage": "pretrain", "step": step}
+        try:
+            record.update(self.health.mask_figures())
+        except TrainingDivergedError:
+            # E diverged in the step just taken: the next step's loss stops the run, after this
+            # step's checkpoint (a diagnostic is not the place to stop it).
+            return record
+        record["level2/balanced_accuracy"] = self.health.level2_balanced_accuracy()
+        # Right after a mask step, so every level holds this iteration's batch (also on resume).
+        if self.mask_stepped:
+            counts = dict(self.objectives.counts)  # the probe's evaluations are not the run's cost
+            snr = self.health.hypergradient_snr(self.mlo.hypergradient_on)
+            self.objectives.counts.clear()
+            self.objectives.counts.update(counts)
+            if snr is not None:
+                record["hypergradient/snr"] = snr
+        self.context.run.log(record)
+        return record
 
     def evaluate(self) -> dict:
         assert self.head is not None
@@ -284,8 +352,12 @@ class Pretrainer:
         started = self._started = time.perf_counter()
         window_start, window_steps = started, 0
         title = "MLO pretrain" if self.mlo.is_multilevel else "MAE pretrain"
+        diagnostics_every = max(1, self.total_steps // 25)
         if self.start_step == 0:  # a resumed run carries the request in its saved state
             self.mlo.request_path_hypergradients()
+            if self.health is not None:
+                self.health.remember_start()
+                self.health_records.append(self._health_record(0))
         with context.progress() as progress:
             task = progress.add_task(title, total=self.total_steps, completed=self.start_step, status="")
             for step in range(self.start_step + 1, self.total_steps + 1):
@@ -300,12 +372,17 @@ class Pretrainer:
                     context.run.log(record)
                     self.mlo.request_path_hypergradients()
                     progress.update(task, status=self._status(record, rate))
+                if self.health is not None and (step % diagnostics_every == 0 or step == self.total_steps):
+                    self.health_records.append(self._health_record(step))
                 pointers = ("last",)
                 if self.mlo.is_multilevel and (step % eval_every == 0 or step == self.total_steps):
                     pointers = self._evaluate_and_log(step, progress)
                 if step % checkpoint_every == 0 or step == self.total_steps or len(pointers) > 1:
                     self.save(step, pointers)
         final_masks = self._final_mask_statistics()
+        if self.health_records:  # the learned mask's health at the end (mask_health.py)
+            last = self.health_records[-1]
+            final_masks.update({key: value for key, value in last.items() if key not in ("stage", "step")})
         self.save(self.total_steps, ("last", "pretrained"))
         return PretrainResult(
             steps=self.total_steps,

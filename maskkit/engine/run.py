@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
-from maskkit.checkpoint import Checkpoint, checkpoint_path, load_checkpoint
+from maskkit.checkpoint import Checkpoint, load_newest_intact
 from maskkit.config import (
+    LearnedMaskConfig,
     RunConfig,
     config_differences,
     config_to_yaml,
@@ -47,17 +49,22 @@ from maskkit.engine.pretrain import Pretrainer, PretrainResult
 from maskkit.engine.protocols import frozen_encoder_protocols
 from maskkit.errors import ConfigError, TrainingDivergedError
 from maskkit.launch import note_run_dir
+from maskkit.loggers import open_loggers, require_loggers
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.plugins import create_policy, policy_info
 from maskkit.policy import MaskPolicy, PolicyContext
 from maskkit.priors.attach import PriorSpec, attach_priors, check_prior_choice
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
+from maskkit.report.predictions import PREDICTIONS_FILE, write_predictions
 from maskkit.rundir import RunDir, atomic_write_text
 from maskkit.runtime import device_description, seed_everything, select_device, tune_cpu_runtime
-from maskkit.tensorboard_log import TENSORBOARD_DIR, TensorBoardMirror, require_tensorboard
 
 
-def policy_context(model: MaskedAutoencoderViT) -> PolicyContext:
+def policy_context(
+    model: MaskedAutoencoderViT, learned_mask: LearnedMaskConfig | None = None
+) -> PolicyContext:
+    """What a policy built for ``model`` may know; ``learned_mask`` is the run's
+    ``pretrain.learned_mask`` (its defaults when None)."""
     config = model.config
     return PolicyContext(
         num_patches=model.num_patches,
@@ -65,6 +72,7 @@ def policy_context(model: MaskedAutoencoderViT) -> PolicyContext:
         grid_size=model.grid_size,
         patch_size=config.patch_size,
         in_chans=config.in_chans,
+        learned_mask=learned_mask or LearnedMaskConfig(),
     )
 
 
@@ -74,13 +82,16 @@ def build_models(
     """The MAE, the policy and the head, seeded and on ``device``."""
     seed_everything(config.seed)
     mae = MaskedAutoencoderViT(config.model).to(device)
-    policy = create_policy(config.policy, policy_context(mae), config.policy_options).to(device)
+    context = policy_context(mae, config.pretrain.learned_mask)
+    policy = create_policy(config.policy, context, config.policy_options).to(device)
     head = ClassifierHead(config.model.embed_dim, num_classes, config.finetune.head_dropout).to(device)
     return mae, policy, head
 
 
 #: The linear probe's and k-NN's results in a run dir (``protocols: true``).
 PROTOCOLS_FILE = "protocols.json"
+#: The test metrics of each protocol that ``summary.json`` repeats.
+PROTOCOL_SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "auc", "weighted_f1", "macro_f1")
 
 # Keeps the stage-2 head's draw apart from the models' (seeded with the seed itself).
 STAGE2_HEAD_SEED_OFFSET = 7919
@@ -110,8 +121,7 @@ def prepare(
     requires = info.requires if with_priors else frozenset()
     if with_priors:
         check_prior_choice(config, requires)
-    if config.tensorboard:
-        require_tensorboard()
+    require_loggers(config)  # a missing package (wandb, mlflow, tensorboard) stops here, before a run dir
     device = select_device(config.device) if device is None else device
     check_batch_sizes(batch_sizes(config, info.learnable))
     if device.type == "cpu":
@@ -124,13 +134,14 @@ def prepare(
         )
 
     # A download goes into one folder: rank 0 fetches it before the other processes read it.
-    dataset = main_first(load) if config.data.download else load()
+    dataset = whole = main_first(load) if config.data.download else load()
     if config.data.subset is not None:
         dataset = limit_dataset(dataset, config.data.subset)
     if requires:
         spec = PriorSpec.from_config(config)
-        # Building priors writes the store: rank 0 builds them before the others read them.
-        dataset = main_first(lambda: attach_priors(dataset, spec, console))
+        # Building priors writes the store: rank 0 builds them before the others read them. A
+        # subset's priors may come from the whole dataset's (built without --subset).
+        dataset = main_first(lambda: attach_priors(dataset, spec, console, whole=whole))
     splits = make_splits(dataset, config.data.train_portion, config.data.mask_source, config.data.val_portion)
     return device, dataset, splits
 
@@ -235,9 +246,10 @@ def resume(
     separate_random_streams(config.seed)
     if config != saved and run.writer:  # an allowed change, e.g. --set precision=fp32
         atomic_write_text(run.config_path, config_to_yaml(config))
-    checkpoint = None
-    if checkpoint_path(run.checkpoints, "last") is not None:
-        checkpoint = load_checkpoint(run.checkpoints, "last", map_location=str(device))
+    # The newest checkpoint that reads back whole: a damaged `last` falls back, with a warning.
+    checkpoint, damaged = load_newest_intact(run.checkpoints, str(device), set_aside=run.writer)
+    for warning in damaged:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     context = RunContext(config, device, dataset, splits, run, console)
     _execute(context, *models, resume=checkpoint)
     return run
@@ -245,7 +257,14 @@ def resume(
 
 # What a resumed run may change: how it computes or reports, not what it computes (the priors
 # store's key pins the priors themselves, wherever the store is).
-ADJUSTABLE_ON_RESUME = ("precision", "device", "tensorboard", "data.build_priors", "data.priors_dir")
+ADJUSTABLE_ON_RESUME = (
+    "precision",
+    "device",
+    "tensorboard",
+    "loggers",
+    "data.build_priors",
+    "data.priors_dir",
+)
 
 
 def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> RunConfig:
@@ -284,8 +303,7 @@ def _execute(
         + (f", from its {stage} checkpoint at step {resume.state['step']}" if resume is not None else "")
     )
     run.truncate_metrics(_resume_position(resume))
-    if config.tensorboard:
-        run.mirrors.append(TensorBoardMirror(run.path / TENSORBOARD_DIR, _resume_position(resume)))
+    run.mirrors.extend(open_loggers(config, run, _resume_position(resume)))  # rank 0's run dir only
     try:
         if stage == "finetune":
             pretrain_summary = resume.state["carry"]["pretrain"]
@@ -344,7 +362,7 @@ def _finish(
     context: RunContext, classifier: ViTClassifier, pretrain_summary: dict, finetuned: FinetuneResult
 ) -> None:
     config, device, run = context.config, context.device, context.run
-    test_metrics = context.evaluate(classifier, context.splits.test)
+    test_metrics, test_predictions = context.evaluate_with_predictions(classifier, context.splits.test)
     print_metrics(
         test_metrics, context.console, title=f"Test metrics ({config.policy}, {config.data.dataset})"
     )
@@ -354,6 +372,8 @@ def _finish(
         "preset": config.preset,
         "test": test_metrics,
         "test_accuracy": test_metrics["accuracy"],
+        "test_balanced_accuracy": test_metrics["balanced_accuracy"],
+        "test_auc": test_metrics["auc"],
         "test_weighted_f1": test_metrics["weighted_f1"],
         "pretrain": pretrain_summary,
         "finetune": {
@@ -377,7 +397,7 @@ def _finish(
         protocols = frozen_encoder_protocols(context)
         run.write_json(PROTOCOLS_FILE, protocols)
         summary["protocols"] = {
-            name: {key: protocols[name]["test"][key] for key in ("accuracy", "weighted_f1", "macro_f1")}
+            name: {key: protocols[name]["test"].get(key) for key in PROTOCOL_SUMMARY_KEYS}
             for name in ("linear_probe", "knn")
         }
         context.console.print(
@@ -386,6 +406,7 @@ def _finish(
             f"k-NN {protocols['knn']['test']['accuracy']:.4f} (k {protocols['knn']['k']})",
             highlight=False,
         )
+    write_predictions(run.path / PREDICTIONS_FILE, test_predictions, test_metrics["class_names"])
     run.write_json("summary.json", summary)
     write_plots(run, test_metrics)
     context.console.print(f"summary: [cyan]{run.summary_path}[/]  plots: [cyan]{run.plots}[/]")

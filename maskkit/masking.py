@@ -1,0 +1,221 @@
+"""Masking primitives for policies, built-in and third-party alike.
+
+Small functions over per-patch scores ``[B, L]`` (patch ``j`` of an image is row ``j // g``,
+column ``j % g`` of its grid, as everywhere in maskkit), and :class:`LearnedMasking`, the base of
+every mask learned at level 3 (``mlo``, ``mlo-light``, ``semantic-soft``, ``constraint``).
+
+Why a learned mask needs more than ``σ(logits)`` and a top-k: with raw logits one AdamW step on
+a wide first layer can push every logit to ±30, where σ′ ≈ e^−|z| is 0; the deterministic top-k
+then picks the same patches for ever, and the hypergradient that could undo it is 0 too, so every
+saturated state is a fixed point. :class:`LearnedMasking` bounds the logits
+(:func:`bounded_logits`) and, in training, *samples* the mask by Gumbel-top-k
+(:func:`sample_decision`, Plackett–Luce sampling without replacement), so every patch is masked
+now and then. The run's ``pretrain.learned_mask`` (:class:`maskkit.config.LearnedMaskConfig`,
+handed over as ``PolicyContext.learned_mask``) sets both; the ``paper`` preset turns them off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
+
+
+def mask_probability(logits: Tensor) -> Tensor:
+    """``[B, L]`` logits → ``[B, L]`` mask probabilities σ(logits), in fp32 or wider.
+
+    Under bf16 autocast (on CUDA) the scorer's logits are bf16, and σ in bf16 rounds to exactly 1
+    from a logit of about 6.2 on: σ's derivative, computed from its output as σ(1 − σ), is then
+    exactly 0 and the hypergradient of every confident patch is cut. In fp32 that takes a logit
+    of about 17. fp64 logits (the hypergradient tests) stay fp64.
+    """
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).sigmoid()
+
+
+def bounded_logits(logits: Tensor, bound: float) -> Tensor:
+    """``[B, L]`` raw logits → standardised per image and bounded: ``b·tanh(ẑ / b)``.
+
+    ``ẑ = (z − mean_j z) / (std_j z + 1e-6)`` per image, so the logits' scale (which AdamW can
+    blow up in a step) does not reach the probabilities, and ``|result| < b``: σ stays within
+    ``(σ(−b), σ(b))`` and its derivative never vanishes. ``bound = 0`` returns ``logits`` as they
+    are (the reference). Computed in fp32 or wider.
+    """
+    if bound == 0:
+        return logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    centred = logits - logits.mean(dim=1, keepdim=True)
+    # Scaled to at most 1 first, so huge logits (a diverged encoder's tokens) cannot overflow the
+    # variance: the result is the same, and the divergence is left for the loss to report.
+    scale = centred.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # [B, 1]
+    unit = centred / scale
+    standardised = unit / (unit.std(dim=1, keepdim=True) + 1e-6 / scale)  # = centred / (std + 1e-6)
+    return bound * torch.tanh(standardised / bound)
+
+
+def logistic_noise(like: Tensor) -> Tensor:
+    """``[B, L]`` draws of Logistic(0, 1), ``log u − log(1 − u)``, from the global RNG."""
+    uniform = torch.rand(like.shape, device=like.device).clamp_(1e-6, 1 - 1e-6)
+    return uniform.log() - (-uniform).log1p()
+
+
+def gumbel_noise(like: Tensor) -> Tensor:
+    """``[B, L]`` draws of Gumbel(0, 1), ``−log(−log u)``, from the global RNG."""
+    uniform = torch.rand(like.shape, device=like.device).clamp_(1e-10, 1 - 1e-7)
+    return -(-uniform.log()).log()
+
+
+def plackett_luce_log_prob(scores: Tensor, order: Tensor, num_selected: int) -> Tensor:
+    """Log-probability ``[B]`` of drawing ``order[:, :num_selected]`` in that order, one at a
+    time without replacement, with probabilities ``softmax(scores)`` over the patches left.
+
+    Args:
+        scores: ``[B, L]`` Plackett–Luce log-weights (graph kept: the result differentiates).
+        order: ``[B, L]`` int64, the patches in the order they were drawn (all L of them).
+        num_selected: how many draws count (the masked patches).
+    """
+    ordered = torch.gather(scores, 1, order)  # [B, L]
+    # log Σ of the weights still in the urn before each draw: a cumulative logsumexp from the end.
+    remaining = torch.logcumsumexp(ordered.flip(1), dim=1).flip(1)  # [B, L]
+    return (ordered - remaining)[:, :num_selected].sum(dim=1)
+
+
+def sample_decision(
+    logits: Tensor, mask_ratio: float, temperature: float, weights: Tensor | None = None
+) -> MaskDecision:
+    """Sample which patches to mask: the top ``M = L − int(L(1 − r))`` of ``logits / T + G``
+    with ``G ~ Gumbel(0, 1)``, i.e. M draws without replacement from ``softmax(logits / T)``
+    (Gumbel-top-k). Every patch has a chance; a higher logit, a higher one.
+
+    Args:
+        logits: ``[B, L]`` (graph kept into the policy for ``log_prob``).
+        mask_ratio: r.
+        temperature: T > 0; small T approaches the deterministic top-k, large T uniform masks.
+        weights: ``[B, L]`` loss weights to pass through, or None.
+
+    Returns:
+        A decision whose ``log_prob [B]`` is the log-probability of the draw (in its order),
+        differentiable in ``logits``: the score of the score-function estimator.
+    """
+    scaled = logits / temperature
+    perturbed = scaled.detach() + gumbel_noise(scaled)  # [B, L]
+    decision = decision_from_scores(perturbed, mask_ratio, weights=weights)
+    num_masked = logits.shape[1] - decision.ids_keep.shape[1]
+    order = torch.argsort(perturbed, dim=1, descending=True)  # drawn first = masked first
+    decision.log_prob = plackett_luce_log_prob(scaled, order, num_masked)
+    return decision
+
+
+class FanInScaledLinear(nn.Linear):
+    """``nn.Linear`` whose weight is stored at unit scale and multiplied by ``1/√fan_in`` in the
+    forward pass (an equalised learning rate).
+
+    The effective weight has PyTorch's default initial scale, but AdamW, which moves every stored
+    weight by about lr per step whatever its gradient, now moves an effective weight by lr/√fan_in:
+    one step changes a unit's pre-activation by at most lr·‖x‖₁/√fan_in instead of lr·‖x‖₁, which
+    for ``mlo``'s first layer (fan-in L·D, 8 192 at ``cpu`` and 98 304 at ViT-S/2) is the
+    difference between a step and a saturation.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.scale = 1.0 / math.sqrt(in_features)
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0)  # × scale: U(±1/√fan_in), PyTorch's default bound
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return F.linear(inputs, self.weight * self.scale, self.bias)
+
+
+class PerPatchScorer(nn.Sequential):
+    """A scorer shared across positions: ``[B, L, D] → LayerNorm → Linear(D, h) → GELU →
+    Linear(h, 1) → [B, L]`` logits (``mlo-light``'s, and the guided policies').
+
+    ``output_bias=False`` drops the last layer's bias, which bounded logits (standardised per
+    image) make irrelevant: its gradient is 0 up to rounding, which AdamW would turn into steps
+    of ±lr that change nothing but the weights' reproducibility."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int, output_bias: bool = True) -> None:
+        super().__init__(
+            nn.LayerNorm(embed_dim),
+            nn.Linear(embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, 1, bias=output_bias),
+        )
+
+    @classmethod
+    def for_context(cls, context: PolicyContext, hidden_dim: int) -> PerPatchScorer:
+        """The scorer for a policy built in ``context``: an output bias only for raw logits."""
+        return cls(context.embed_dim, hidden_dim, output_bias=context.learned_mask.logit_bound == 0)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return super().forward(tokens).squeeze(-1)
+
+
+class LearnedMasking(MaskPolicy):
+    """A mask learned at level 3: a scorer gives logits ``[B, L]``, σ of the bounded logits is
+    the mask probability (the loss weights), and the mask is sampled from them in training.
+
+    Subclasses implement :meth:`mask_logits` (and may add a :meth:`logit_bias`, e.g. a prior's).
+    The run's ``pretrain.learned_mask`` (``self.context.learned_mask``) decides:
+
+    - the bound of the logits (:func:`bounded_logits`);
+    - ``selection``: in training, ``sample`` draws the mask by Gumbel-top-k at a temperature
+      annealed over stage 1 from ``temperature[0]`` to ``temperature[1]`` (:func:`sample_decision`,
+      whose ``log_prob`` the ``score-function`` weighting reads); ``top-k`` and evaluation
+      (``policy.eval()``, as ``maskkit visualize`` and the diagnostics run it) mask the k highest
+      logits, the mode of the distribution;
+    - ``random_warmup``: for that share of stage 1 the mask is uniformly random in training.
+    """
+
+    learnable = True
+
+    def __init__(self, context: PolicyContext) -> None:
+        super().__init__(context)
+        # Share of stage 1 done, set by set_progress; a buffer, so a resumed run and
+        # `maskkit visualize` see the schedule where it stood. −1 until the engine sets it: a
+        # policy used on its own has no warm-up and samples at the starting temperature.
+        self.register_buffer("progress", torch.full((), -1.0))
+
+    def mask_logits(self, tokens: Tensor) -> Tensor:
+        """``[B, L, D]`` patch tokens → ``[B, L]`` raw logits."""
+        raise NotImplementedError
+
+    def logit_bias(self, batch: MaskBatch) -> Tensor | None:
+        """An optional ``[B, L]`` term added to the logits *after* the bound (e.g. a prior's
+        ``−β·h``), which keeps its own scale; None by default."""
+        return None
+
+    def logits(self, batch: MaskBatch) -> Tensor:
+        """``[B, L]`` logits the mask is drawn from: the scorer's, bounded, plus the bias."""
+        logits = bounded_logits(self.mask_logits(batch.tokens), self.context.learned_mask.logit_bound)
+        bias = self.logit_bias(batch)
+        return logits if bias is None else logits + bias
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.progress.fill_((step - 1) / max(1, total_steps - 1))
+
+    def temperature(self) -> float:
+        """The sampling temperature where stage 1 stands (linear from start to end)."""
+        start, end = self.context.learned_mask.temperature
+        return start + (end - start) * max(0.0, float(self.progress))
+
+    def in_random_warmup(self) -> bool:
+        """In the first ``random_warmup`` share of stage 1 (never before the engine sets it)."""
+        return 0.0 <= float(self.progress) < self.context.learned_mask.random_warmup
+
+    def forward(self, batch: MaskBatch) -> MaskDecision:
+        settings = self.context.learned_mask
+        logits = self.logits(batch)  # [B, L]
+        mask_prob = mask_probability(logits)
+        if self.training and self.in_random_warmup():
+            uniform = torch.rand(logits.shape, device=logits.device)
+            decision = decision_from_scores(uniform, batch.mask_ratio, weights=mask_prob)
+            decision.log_prob = torch.zeros(logits.shape[0], device=logits.device)  # T takes no part
+            return decision
+        if self.training and settings.selection == "sample":
+            return sample_decision(logits, batch.mask_ratio, self.temperature(), weights=mask_prob)
+        return decision_from_scores(logits, batch.mask_ratio, weights=mask_prob)
