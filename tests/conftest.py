@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import write_medmnist_npz
 from plugin_isolation import filtered_entry_points
 
 from maskkit.plugins import get_registry
@@ -26,3 +27,12 @@ def plugin_sites(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
     get_registry.cache_clear()
     yield sites
     get_registry.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a tiny fake ``dermamnist.npz`` (MedMNIST's layout), one per test module;
+    a module that needs other split sizes defines its own ``data_dir``."""
+    folder = tmp_path_factory.mktemp("data")
+    write_medmnist_npz(folder / "dermamnist.npz")
+    return folder

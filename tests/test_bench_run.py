@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MASKKIT_CLI, write_medmnist_npz
+from helpers import MASKKIT_CLI
 from PIL import Image
 from rich.console import Console
 
@@ -36,13 +36,6 @@ SMALL_SUITE = {
     "config": {"pretrain": {"steps": 2}},
     "datasets": [{"dataset": "dermamnist"}],
 }
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    write_medmnist_npz(folder / "dermamnist.npz")
-    return folder
 
 
 def _environment(tmp_path: Path) -> dict[str, str]:

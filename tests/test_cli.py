@@ -34,13 +34,6 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    write_medmnist_npz(folder / "dermamnist.npz")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, data_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "smoke"
     result = maskkit(

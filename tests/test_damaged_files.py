@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MASKKIT_CLI, write_medmnist_npz
+from helpers import MASKKIT_CLI
 
 from maskkit.bench.cells import expand_grid
 from maskkit.bench.layout import SuiteLayout
@@ -64,13 +64,6 @@ def assert_damaged(result: subprocess.CompletedProcess, path: Path, *fragments: 
     assert lines[0].startswith(f"error: {path} is damaged ("), lines[0]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    write_medmnist_npz(folder / "dermamnist.npz")
-    return folder
 
 
 @pytest.fixture(scope="module")

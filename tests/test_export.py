@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import MASKKIT_CLI, write_medmnist_npz
+from helpers import MASKKIT_CLI
 
 from maskkit.checkpoint import load_checkpoint
 from maskkit.config import load_run_config
@@ -35,13 +35,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    write_medmnist_npz(folder / "dermamnist.npz")
-    return folder
 
 
 @pytest.fixture(scope="module")

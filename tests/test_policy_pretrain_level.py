@@ -104,6 +104,7 @@ def test_the_hook_is_added_once_to_the_pretrain_step_and_kept_out_of_the_hypergr
     pretrainer = _pretrainer(tmp_path, ErrorRegression, constant_loss=5.0)
     objectives, batch = pretrainer.objectives, pretrainer.batches["pretrain"].next()
     images = batch.images
+
     def plain() -> torch.Tensor:
         return masked_reconstruction(
             pretrainer.mae, pretrainer.policy, images, objectives.mask_ratio, pretrainer.weighting

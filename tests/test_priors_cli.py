@@ -73,20 +73,15 @@ def third_party(monkeypatch):
     entry_points.append(FakeEntryPoint("stripes", _stripes_module, "maskkit-stripes"))
 
     def entry_points_for(group=None, **_):
-        return list(entry_points) if group == "maskkit" else []
+        # An EntryPoints (it has .select), as other libraries that look up entry points on their
+        # first import (fsspec, when the command imports torch's stack) expect.
+        return importlib.metadata.EntryPoints(entry_points if group == "maskkit" else [])
 
     monkeypatch.setattr(plugins_module.importlib.metadata, "entry_points", entry_points_for)
     get_registry.cache_clear()
     yield
     monkeypatch.undo()
     get_registry.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    write_medmnist_npz(folder / "dermamnist.npz")
-    return folder
 
 
 @pytest.fixture
