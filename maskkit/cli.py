@@ -60,6 +60,8 @@ def _root(
     ] = False,
 ) -> None:
     """Options of ``maskkit`` itself (``--version``); each command has its own."""
+
+
 # Width for tables printed to a pipe: wide enough that no row ever wraps.
 UNWRAPPED_WIDTH = 10_000
 

@@ -175,10 +175,11 @@ class LearnedMasking(MaskPolicy):
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
-        # Share of stage 1 done, set by set_progress; a buffer, so a resumed run and
-        # `maskkit visualize` see the schedule where it stood. −1 until the engine sets it: a
-        # policy used on its own has no warm-up and samples at the starting temperature.
-        self.register_buffer("progress", torch.full((), -1.0))
+        # Share of stage 1 done, set by set_progress before every step (so a resumed run sets it
+        # again; not saved, and checkpoints of runs from before it existed still load). −1 until
+        # the engine sets it: a policy used on its own has no warm-up and samples at the
+        # starting temperature.
+        self.register_buffer("progress", torch.full((), -1.0), persistent=False)
 
     def mask_logits(self, tokens: Tensor) -> Tensor:
         """``[B, L, D]`` patch tokens → ``[B, L]`` raw logits."""

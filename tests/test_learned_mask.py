@@ -9,11 +9,13 @@ import warnings
 
 import pytest
 import torch
+import yaml
 
-from maskkit.config import LEGACY_LEARNED_MASK, LearnedMaskConfig, build_config
+from maskkit.config import LEGACY_LEARNED_MASK, LearnedMaskConfig, build_config, load_run_config
 from maskkit.engine.mask_health import image_dependence, jaccard_distance, saturated_share
 from maskkit.errors import MaskkitWarning
 from maskkit.masking import bounded_logits, plackett_luce_log_prob, sample_decision
+from maskkit.plugins import create_policy
 from maskkit.policy import MaskBatch, PolicyContext, validate_decision
 from maskkit.weighting import loss_weighting
 from maskkit_plugins.mlo import MLOMasking
@@ -179,3 +181,24 @@ def test_the_paper_preset_keeps_the_reference_mask():
     assert (learned.logit_bound, learned.selection, learned.fan_in_scaling) == (0, "top-k", False)
     assert (learned.random_warmup, learned.lr_warmup, learned.head_refit_every) == (0, 0, None)
     assert math.isclose(build_config("cpu").pretrain.learned_mask.logit_bound, 3.0)
+
+
+def test_a_run_saved_before_the_learned_mask_section_loads_as_it_ran(tmp_path):
+    """Its config.yaml has no pretrain.learned_mask: it is read as the reference formulation,
+    and the policies then have exactly the parameters (and no buffer) they were saved with."""
+    config = build_config("cpu").model_dump(mode="json")
+    del config["pretrain"]["learned_mask"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    learned = load_run_config(path).pretrain.learned_mask
+    assert learned == LearnedMaskConfig(**LEGACY_LEARNED_MASK)
+    context = PolicyContext(num_patches=16, embed_dim=8, grid_size=4, patch_size=8, learned_mask=learned)
+    # The keys of the state dicts the policies had until 2026-12.
+    assert sorted(MLOMasking(context).state_dict()) == [
+        "scorer.0.bias", "scorer.0.weight", "scorer.2.bias", "scorer.2.weight"
+    ]  # fmt: skip
+    light = create_policy("mlo-light", context)
+    assert sorted(light.state_dict()) == [
+        "scorer.0.bias", "scorer.0.weight", "scorer.1.bias", "scorer.1.weight",
+        "scorer.3.bias", "scorer.3.weight",
+    ]  # fmt: skip

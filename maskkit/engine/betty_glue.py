@@ -237,7 +237,6 @@ class _Level(ImplicitProblem):
             self.split_next_hypergradient = False
         self.set_grads(params, implicit)
 
-
     def gradients_and_seeds(
         self, loss: Tensor, inputs: list[Tensor], paths: list[list[_Level]]
     ) -> tuple[list[Tensor], dict[_Level, list[Tensor]]]:

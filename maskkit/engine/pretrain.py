@@ -138,7 +138,7 @@ class Pretrainer:
                 self.refit_split = refit_subset(context.splits.finetune, images, config.seed)
         self.best_accuracy: float | None = None
         self.evaluations: list[dict] = []
-        self.health_records: list[dict] = []
+        self.last_health: dict = {}  # the latest health record (mask_health.py)
         self.start_step = 0
         self.seconds_before = 0.0
         self._started = time.perf_counter()
@@ -258,7 +258,7 @@ class Pretrainer:
             "evaluations": list(self.evaluations),
             "seconds": self.seconds_before + time.perf_counter() - self._started,
             "health": self.health.state_dict() if self.health is not None else None,
-            "health_records": list(self.health_records),
+            "last_health": dict(self.last_health),
             "last_refit": self.last_refit,
         }
 
@@ -276,7 +276,7 @@ class Pretrainer:
         self.evaluations = list(state["evaluations"])
         if self.health is not None and state.get("health"):
             self.health.load_state_dict(state["health"])
-        self.health_records = list(state.get("health_records", []))
+        self.last_health = dict(state.get("last_health", {}))
         self.last_refit = state.get("last_refit", 0)
         self.seconds_before = state["seconds"]
         self.start_step = state["step"]
@@ -355,9 +355,9 @@ class Pretrainer:
         diagnostics_every = max(1, self.total_steps // 25)
         if self.start_step == 0:  # a resumed run carries the request in its saved state
             self.mlo.request_path_hypergradients()
-            if self.health is not None:
+            if self.health is not None and self.total_steps > 0:
                 self.health.remember_start()
-                self.health_records.append(self._health_record(0))
+                self.last_health = self._health_record(0)
         with context.progress() as progress:
             task = progress.add_task(title, total=self.total_steps, completed=self.start_step, status="")
             for step in range(self.start_step + 1, self.total_steps + 1):
@@ -373,16 +373,15 @@ class Pretrainer:
                     self.mlo.request_path_hypergradients()
                     progress.update(task, status=self._status(record, rate))
                 if self.health is not None and (step % diagnostics_every == 0 or step == self.total_steps):
-                    self.health_records.append(self._health_record(step))
+                    self.last_health = self._health_record(step)
                 pointers = ("last",)
                 if self.mlo.is_multilevel and (step % eval_every == 0 or step == self.total_steps):
                     pointers = self._evaluate_and_log(step, progress)
                 if step % checkpoint_every == 0 or step == self.total_steps or len(pointers) > 1:
                     self.save(step, pointers)
         final_masks = self._final_mask_statistics()
-        if self.health_records:  # the learned mask's health at the end (mask_health.py)
-            last = self.health_records[-1]
-            final_masks.update({key: value for key, value in last.items() if key not in ("stage", "step")})
+        # The learned mask's health at the end (mask_health.py), beside the split's statistics.
+        final_masks.update({k: v for k, v in self.last_health.items() if k not in ("stage", "step")})
         self.save(self.total_steps, ("last", "pretrained"))
         return PretrainResult(
             steps=self.total_steps,

@@ -313,6 +313,11 @@ def _execute(
                 pretrainer.resume_from(resume)
             pretrain_summary = _pretrain_summary(pretrainer.run())
         classifier = ViTClassifier(mae, stage2_head(config, context.dataset.num_classes, context.device))
+        if stage != "finetune":
+            # Stage 2 draws (dropout) from a stream of the run's seed alone, not from wherever
+            # stage 1 left it: every policy fine-tunes under the same draws (a resume restores its own).
+            torch.manual_seed(config.seed + STAGE2_HEAD_SEED_OFFSET + 1)
+            separate_random_streams(config.seed + STAGE2_HEAD_SEED_OFFSET + 1)
         finetuner = Finetuner(
             context, classifier, step_offset=pretrain_summary["steps"], carry={"pretrain": pretrain_summary}
         )
