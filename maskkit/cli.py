@@ -16,7 +16,7 @@ from rich.table import Table
 
 # Nothing imported here may import torch: `maskkit --help` answers at once (tests/test_cli_startup.py).
 # Commands import what needs torch when they run.
-from maskkit.config import DEFAULT_PRESET, PRESETS, build_config, config_to_yaml, parse_override
+from maskkit.config import DEFAULT_PRESET, PRESETS, batch_sizes, build_config, config_to_yaml, parse_override
 from maskkit.consoles import user_console
 from maskkit.errors import ConfigError, MaskkitError
 from maskkit.launch import LaunchFailed, report_worker_failure, run_with_torchrun, worker_arguments
@@ -191,11 +191,10 @@ def priors_build(
     ] = False,
 ) -> None:
     """Compute a dataset's priors once per split and keep them in the priors store."""
-    from maskkit.data import load_dataset
+    from maskkit.data import limit_dataset, load_dataset
     from maskkit.data.locations import default_data_dir
-    from maskkit.engine.run import limit_dataset
+    from maskkit.engine.priors import PriorSpec, attach_priors, store_paths
     from maskkit.plugins import provider_info
-    from maskkit.priors.attach import PriorSpec, attach_priors, store_paths
 
     provider_info(provider)  # an unknown name fails before the data is read
     options = _option_pairs(option or [])
@@ -331,10 +330,11 @@ def train(
         if resume is None:  # a bad config fails here, before any process starts
             from maskkit.distributed import check_batch_sizes
             from maskkit.plugins import policy_info
+            from maskkit.policy import MASK_LEVEL
 
             config = build_config(preset, config_file, overrides)
-            learnable = policy_info(config.policy).learnable
-            check_batch_sizes(runs.batch_sizes(config, learnable), processes=nproc)
+            multilevel = MASK_LEVEL in policy_info(config.policy).policy_class.training_levels()
+            check_batch_sizes(batch_sizes(config, multilevel), processes=nproc)
         run_with_torchrun(nproc, worker_arguments(sys.argv[1:]))
         return
     if resume is not None:
@@ -427,6 +427,12 @@ def trial(
     ] = None,
     mask_seed: Annotated[int, typer.Option(help="A's mask seed.")] = 0,
     against_mask_seed: Annotated[int | None, typer.Option(help="B's mask seed (default: A's).")] = None,
+    inverse: Annotated[
+        bool, typer.Option("--inverse", help="A masks with its policy's inverse, the logits negated (−z).")
+    ] = False,
+    against_inverse: Annotated[
+        bool, typer.Option("--against-inverse", help="B masks with its policy's inverse (−z).")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seeds the forks' batches and the probe's images.")] = 0,
     lr: Annotated[
         float | None, typer.Option(help="Constant pretrain lr (default: the run's base lr).")
@@ -442,12 +448,12 @@ def trial(
         source=trials.RunSource.parse(source),
         arm_a=trials.ArmSpec(
             policy, _option_pairs(option or []), mask_ratio, mask_seed,
-            trials.RunSource.parse(policy_from) if policy_from else None,
+            trials.RunSource.parse(policy_from) if policy_from else None, inverse,
         ),
         arm_b=trials.ArmSpec(
             against, _option_pairs(against_option or []), against_mask_ratio,
             mask_seed if against_mask_seed is None else against_mask_seed,
-            trials.RunSource.parse(against_from) if against_from else None,
+            trials.RunSource.parse(against_from) if against_from else None, against_inverse,
         ),
         forks=forks, steps=steps, probe_images=probe_images, probe_c=probe_c, seed=seed, lr=lr,
         prior=prior, device=device,
@@ -464,9 +470,19 @@ def bench(
     out: Annotated[
         Path | None, typer.Option(help="Output dir (default: the suite's `output`, else runs/bench/<name>).")
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Cells run side by side, each in its own process.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Cells run side by side (default 1); on slurm and ray, the most cells in flight "
+            "(default: all, the scheduler queues them).",
+        ),
+    ] = None,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="Torch threads per cell (default: the CPUs / --workers).")
+        int | None,
+        typer.Option(
+            min=1, help="Torch threads per cell process (default: the CPUs / --workers; slurm, ray: 4)."
+        ),
     ] = None,
     data_dir: Annotated[
         Path | None,
@@ -487,16 +503,50 @@ def bench(
             "--report-only", help="Rebuild cells.csv, results.md, results.png and forest.png; run nothing."
         ),
     ] = False,
+    executor: Annotated[
+        str,
+        typer.Option(help="Where the cells run: local (processes here), slurm (a submitit job each), ray."),
+    ] = "local",
+    nproc: Annotated[
+        int | None, typer.Option(min=1, help="Processes per cell under torchrun (maskkit train --nproc).")
+    ] = None,
+    gpus_per_cell: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="slurm, ray: GPUs per cell (default: --nproc, else 1; ray: 0 without GPUs)."
+        ),
+    ] = None,
+    slurm_partition: Annotated[str | None, typer.Option(help="slurm: the partition.")] = None,
+    slurm_account: Annotated[str | None, typer.Option(help="slurm: the account charged.")] = None,
+    slurm_time: Annotated[
+        int | None, typer.Option(min=1, help="slurm: each cell's time limit, in minutes (default 240).")
+    ] = None,
+    slurm_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="slurm: another submitit Slurm parameter, KEY=VALUE (constraint=a100; repeatable)."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="ray: the cluster, HOST:PORT, ray://HOST:PORT or auto (default: Ray's own)."),
+    ] = None,
 ) -> None:
     """Run a benchmark suite: policies × datasets × seeds under one budget, then its report.
 
     Finished cells are skipped and interrupted ones resume from their checkpoints, so running the
-    same command again finishes only what is missing. Exit status 1 when a cell failed.
+    same command again finishes only what is missing, on any executor. Exit status 1 when a cell
+    failed or was stopped.
     """
+    from maskkit.bench.executors.settings import ExecutorOptions
     from maskkit.bench.main import BenchOptions, run_bench
 
+    executor_options = ExecutorOptions(
+        executor, nproc, gpus_per_cell, slurm_partition, slurm_account, slurm_time,
+        tuple(slurm_option or ()), ray_address,
+    )  # fmt: skip
     options = BenchOptions(
-        suite_file, out, workers, threads, data_dir, tuple(only or ()), dry_run, report_only
+        suite_file, out, workers, threads, data_dir, tuple(only or ()), dry_run, report_only, executor_options
     )
     code = run_bench(options, console)
     if code:

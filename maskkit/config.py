@@ -21,6 +21,7 @@ from maskkit.weighting import RENAMED_WEIGHTINGS, WeightingName
 PRESETS = ("smoke", "cpu", "paper")
 DEFAULT_PRESET = "cpu"
 
+#: The augmentations of a stage (``pretrain.augment``, ``finetune.augment``; :mod:`maskkit.data.batches`).
 Augment = Literal["none", "crop_flip", "randaugment"]
 
 
@@ -142,7 +143,7 @@ class LearnedMaskConfig(StrictModel):
     fan_in_scaling: bool = True
     random_warmup: float = Field(0.1, ge=0, lt=1)
     lr_warmup: float = Field(0.1, ge=0, lt=1)
-    head_refit_every: int | None = Field(20, gt=0)
+    head_refit_every: int | None = Field(5, gt=0)
     head_refit_images: int = Field(2048, gt=0)
 
     @field_validator("temperature")
@@ -219,6 +220,17 @@ class PretrainConfig(StrictModel):
         warn_once(f"config: renamed keys read under their new names ({names}); update the config")
         return raw
 
+    @model_validator(mode="after")
+    def _score_function_samples(self) -> PretrainConfig:
+        """``score-function`` differentiates the sampling distribution: a deterministic top-k has
+        none (refused here, before a run starts, rather than at the first mask step)."""
+        if self.weighting == "score-function" and self.learned_mask.selection != "sample":
+            raise ValueError(
+                "pretrain.weighting 'score-function' needs sampled masks: set pretrain.learned_mask."
+                "selection=sample, or use another weighting (tempered, straight-through)"
+            )
+        return self
+
 
 class FinetuneConfig(StrictModel):
     """Stage 2: end-to-end fine-tuning of encoder + linear head (the seed's recipe)."""
@@ -233,6 +245,29 @@ class FinetuneConfig(StrictModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     warmup_epochs: float = Field(0.0, ge=0)
     head_dropout: float = Field(0.1, ge=0, lt=1)
+    class_balanced: bool = Field(
+        False,
+        description="weight each image's cross-entropy by N / (K · n_c), its class's inverse frequency "
+        "in the training split normalised to mean 1 (maskkit.engine.class_weights)",
+    )
+
+
+class TrialProtocolConfig(StrictModel):
+    """The trial as a protocol: with ``protocols: true`` and ``forks`` above 0, after the linear
+    probe and k-NN the run's policy is tried against ``random`` from the run's own ``pretrained``
+    checkpoint, ``forks`` pairs of ``steps`` pretrain steps (``maskkit trial``'s method,
+    :mod:`maskkit.engine.protocols.paired_trial`; docs/bench.md). A run without stage 1 skips it."""
+
+    forks: int = Field(0, ge=0, description="fork pairs (0: off; else at least 2, for an interval)")
+    steps: int = Field(20, gt=0, description="pretrain steps per arm and fork")
+    probe_images: int = Field(2000, gt=1, description="training images of the probe")
+    lr: float | None = Field(None, ge=0, description="the arms' constant lr; default: the run's pretrain lr")
+
+    @model_validator(mode="after")
+    def _an_interval(self) -> TrialProtocolConfig:
+        if self.forks == 1:
+            raise ValueError("forks must be 0 (off) or at least 2: the interval is over the forks")
+        return self
 
 
 class DataConfig(StrictModel):
@@ -266,6 +301,19 @@ class RunConfig(StrictModel):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = Field(
+        False,
+        description="torch.compile stage 1's once-differentiated passes (the pretrain step's "
+        "reconstruction, the level-2 and level-3 features; maskkit.engine.compiled); off by default: "
+        "on the 2-core CPU its compile time outweighs its gain (docs/benchmarks.md)",
+    )
+    fused_adamw: bool | Literal["auto"] = Field(
+        "auto",
+        description="AdamW's fused kernel for every optimiser of the run, the same update to float "
+        "rounding (not bit for bit); auto: on the CPU, where it measured faster, and torch's default "
+        "elsewhere (docs/benchmarks.md). Fixed for a run: a resumed run's optimisers keep the kernel "
+        "they were saved with",
+    )
     tensorboard: bool = Field(
         False,
         description="also write TensorBoard events to RUN_DIR/tensorboard (needs maskkit[tensorboard])",
@@ -279,6 +327,7 @@ class RunConfig(StrictModel):
         False,
         description="also score the frozen pretrained encoder by a linear probe and k-NN (protocols.json)",
     )
+    trial: TrialProtocolConfig = TrialProtocolConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -404,6 +453,33 @@ def config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{key} (saved {a!r}, given {b!r})")
     return keys
+
+
+#: What a resumed run may change (``maskkit train --resume ... --set``): how it computes or
+#: reports, not what it computes (the priors store's key pins the priors themselves, wherever the
+#: store is).
+ADJUSTABLE_ON_RESUME = (
+    "precision",
+    "device",
+    "compile",
+    "tensorboard",
+    "loggers",
+    "data.build_priors",
+    "data.priors_dir",
+)
+
+
+def batch_sizes(config: RunConfig, multilevel: bool) -> dict[str, int]:
+    """The global batch sizes a run uses, by config key; ``multilevel``: the policy is trained at
+    the mask level, so the run has all three levels of stage 1
+    (:meth:`maskkit.policy.MaskPolicy.training_levels`)."""
+    sizes = {"pretrain.pretrain.batch_size": config.pretrain.pretrain.batch_size}
+    if multilevel:
+        sizes["pretrain.finetune.batch_size"] = config.pretrain.finetune.batch_size
+        sizes["pretrain.mask.batch_size"] = config.pretrain.mask.batch_size
+    if config.finetune.epochs > 0:
+        sizes["finetune.batch_size"] = config.finetune.batch_size
+    return sizes
 
 
 def config_to_yaml(config: RunConfig) -> str:

@@ -23,9 +23,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-#: Set by the launcher for its workers: the file in which rank 0 notes the run dir, so that the
-#: launcher's failure message can name it.
-RUN_DIR_NOTE = "MASKKIT_RUN_DIR_NOTE"
+from maskkit.torchrun_env import RUN_DIR_NOTE
+
 #: Set by the launcher for its workers: failures are reported by the launcher, in one line, so the
 #: workers only write them to torchrun's error file.
 LAUNCHER_REPORTS = "MASKKIT_LAUNCHER_REPORTS"
@@ -111,13 +110,6 @@ def _read_note(note: Path) -> str | None:
         return note.read_text().strip() or None
     except OSError:
         return None
-
-
-def note_run_dir(path: Path) -> None:
-    """Rank 0 notes the run dir for the launcher (nothing when no launcher asked for it)."""
-    note = os.environ.get(RUN_DIR_NOTE)
-    if note and os.environ.get("RANK", "0") == "0":
-        Path(note).write_text(str(path))
 
 
 def _message_of(failure) -> str:

@@ -17,6 +17,7 @@ handed over as ``PolicyContext.learned_mask``) sets both; the ``paper`` preset t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,37 @@ class FanInScaledLinear(nn.Linear):
         return F.linear(inputs, self.weight * self.scale, self.bias)
 
 
+class SlotCentring(nn.Module):
+    """``[B, L, D]`` tokens minus each slot's (position's) mean token: the batch's mean in
+    training, a running mean (updated then, momentum ``momentum``) in evaluation (the batch's
+    mean before any training batch).
+
+    A ViT's tokens carry a position embedding that every image shares, most of their energy at
+    ViT-S/2 (83 %); normalised per token and flattened, they give ``mlo``'s MLP nearly the same
+    input for every image, and its mask becomes one mask for all. The slot (its input index)
+    already says where a token is, so the shared part only hides the image: centring removes it.
+    """
+
+    def __init__(self, num_patches: int, dim: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(1, num_patches, dim))
+        self.register_buffer("tracked", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if not self.training and bool(self.tracked):
+            return tokens - self.running_mean
+        mean = tokens.mean(dim=0, keepdim=True)  # [1, L, D]
+        if not self.training:  # no training batch seen yet: this batch's mean, nothing recorded
+            return tokens - mean
+        with torch.no_grad():
+            observed = mean.detach().to(self.running_mean.dtype)
+            rate = self.momentum if bool(self.tracked) else 1.0
+            self.running_mean.lerp_(observed, rate)
+            self.tracked.fill_(True)
+        return tokens - mean
+
+
 class PerPatchScorer(nn.Sequential):
     """A scorer shared across positions: ``[B, L, D] → LayerNorm → Linear(D, h) → GELU →
     Linear(h, 1) → [B, L]`` logits (``mlo-light``'s, and the guided policies').
@@ -154,6 +186,13 @@ class PerPatchScorer(nn.Sequential):
     def forward(self, tokens: Tensor) -> Tensor:
         return super().forward(tokens).squeeze(-1)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A state saved with an output bias (runs of early 2026-12) loads into a scorer without
+        one: the bias is dropped, which changes no bounded logit (standardisation removes it)."""
+        if self[-1].bias is None:
+            state_dict.pop(f"{prefix}{len(self) - 1}.bias", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class LearnedMasking(MaskPolicy):
     """A mask learned at level 3: a scorer gives logits ``[B, L]``, σ of the bounded logits is
@@ -169,9 +208,14 @@ class LearnedMasking(MaskPolicy):
       (``policy.eval()``, as ``maskkit visualize`` and the diagnostics run it) mask the k highest
       logits, the mode of the distribution;
     - ``random_warmup``: for that share of stage 1 the mask is uniformly random in training.
+
+    ``inverted`` (False by default; ``maskkit trial --inverse`` sets it) negates the logits: the
+    inverse mask, −z, masks what the policy would keep, the control a learned mask is tried
+    against.
     """
 
     learnable = True
+    inverted: bool = False
 
     def __init__(self, context: PolicyContext) -> None:
         super().__init__(context)
@@ -180,6 +224,12 @@ class LearnedMasking(MaskPolicy):
         # the engine sets it: a policy used on its own has no warm-up and samples at the
         # starting temperature.
         self.register_buffer("progress", torch.full((), -1.0), persistent=False)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A state that saved ``progress`` (runs of early 2026-12, when it was persistent) loads:
+        the engine sets it again before every step."""
+        state_dict.pop(f"{prefix}progress", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def mask_logits(self, tokens: Tensor) -> Tensor:
         """``[B, L, D]`` patch tokens → ``[B, L]`` raw logits."""
@@ -191,10 +241,12 @@ class LearnedMasking(MaskPolicy):
         return None
 
     def logits(self, batch: MaskBatch) -> Tensor:
-        """``[B, L]`` logits the mask is drawn from: the scorer's, bounded, plus the bias."""
+        """``[B, L]`` logits the mask is drawn from: the scorer's, bounded, plus the bias (all
+        negated when :attr:`inverted`)."""
         logits = bounded_logits(self.mask_logits(batch.tokens), self.context.learned_mask.logit_bound)
         bias = self.logit_bias(batch)
-        return logits if bias is None else logits + bias
+        logits = logits if bias is None else logits + bias
+        return -logits if self.inverted else logits
 
     def set_progress(self, step: int, total_steps: int) -> None:
         self.progress.fill_((step - 1) / max(1, total_steps - 1))

@@ -22,7 +22,7 @@ import pluggy
 
 from maskkit import hookspecs
 from maskkit.errors import MaskkitError, PluginError, UnknownNameError
-from maskkit.policy import MaskPolicy, PolicyContext
+from maskkit.policy import MASK_LEVEL, PRETRAIN_LEVEL, MaskPolicy, PolicyContext
 from maskkit.priors.provider import PriorProvider, resolved_options
 
 ENTRY_POINT_GROUP = "maskkit"
@@ -100,24 +100,25 @@ class PolicyInfo:
 
     @property
     def trains_at_pretrain_level(self) -> bool:
-        """The class names parameters for the pretrain level (overrides ``pretrain_parameters``)."""
-        return self.policy_class.pretrain_parameters is not MaskPolicy.pretrain_parameters
+        """The pretrain level trains some of the policy's parameters
+        (:meth:`~maskkit.policy.MaskPolicy.training_levels`)."""
+        return PRETRAIN_LEVEL in self.policy_class.training_levels()
 
     @property
     def trained_by(self) -> str:
         """Which levels train the policy, for the ``learnable`` column of ``maskkit policies``: yes
         (level 3), pretrain level, yes + pretrain level, no."""
-        if self.learnable:
-            return "yes + pretrain level" if self.trains_at_pretrain_level else "yes"
-        return "pretrain level" if self.trains_at_pretrain_level else "no"
+        levels = self.policy_class.training_levels()
+        if MASK_LEVEL in levels:
+            return "yes + pretrain level" if PRETRAIN_LEVEL in levels else "yes"
+        return "pretrain level" if PRETRAIN_LEVEL in levels else "no"
 
     @property
     def training_levels(self) -> list[str]:
         """The levels that train the policy's parameters, for ``maskkit policies --json``
         (``trained_by``): ``"mask level"`` (level 3 of the MLO loop) and/or ``"pretrain level"``;
         empty for a fixed policy."""
-        levels = ["mask level"] if self.learnable else []
-        return levels + (["pretrain level"] if self.trains_at_pretrain_level else [])
+        return [f"{level} level" for level in self.policy_class.training_levels()]
 
 
 @dataclass(frozen=True)

@@ -50,13 +50,21 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from maskkit.config import LearnedMaskConfig
 from maskkit.errors import PluginError
+
+if TYPE_CHECKING:
+    from maskkit.models import MaskedAutoencoderViT
+
+#: The levels of stage 1 that may train a policy's parameters (:meth:`MaskPolicy.training_levels`):
+#: level 1, beside the MAE, and level 3, the mask level of the MLO loop.
+PRETRAIN_LEVEL = "pretrain"
+MASK_LEVEL = "mask"
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,22 @@ class PolicyContext:
     patch_size: int
     in_chans: int = 3
     learned_mask: LearnedMaskConfig = field(default_factory=LearnedMaskConfig)
+
+
+def policy_context(
+    model: MaskedAutoencoderViT, learned_mask: LearnedMaskConfig | None = None
+) -> PolicyContext:
+    """What a policy built for ``model`` may know; ``learned_mask`` is the run's
+    ``pretrain.learned_mask`` (its defaults when None)."""
+    config = model.config
+    return PolicyContext(
+        num_patches=model.num_patches,
+        embed_dim=config.embed_dim,
+        grid_size=model.grid_size,
+        patch_size=config.patch_size,
+        in_chans=config.in_chans,
+        learned_mask=learned_mask or LearnedMaskConfig(),
+    )
 
 
 @dataclass
@@ -359,7 +383,8 @@ class MaskPolicy(nn.Module, abc.ABC):
     - the others are **level 3's** (the mask level of the MLO loop, moved by the
       hypergradient) when ``learnable = True``, and not trained at all otherwise.
 
-    A policy with ``learnable = False`` runs the pretrain level alone.
+    A policy with ``learnable = False`` runs the pretrain level alone. :meth:`training_levels`
+    says which levels train a policy class; everything in maskkit asks it.
     """
 
     name: ClassVar[str]
@@ -370,6 +395,22 @@ class MaskPolicy(nn.Module, abc.ABC):
     def __init__(self, context: PolicyContext) -> None:
         super().__init__()
         self.context = context
+
+    @classmethod
+    def training_levels(cls) -> tuple[str, ...]:
+        """The levels of stage 1 that train this policy's parameters, decided by the class alone:
+        :data:`MASK_LEVEL` (level 3 of the MLO loop, by the hypergradient) when ``learnable``, then
+        :data:`PRETRAIN_LEVEL` (beside the MAE, by :meth:`pretrain_loss`) when the class overrides
+        :meth:`pretrain_parameters`; empty for a fixed policy.
+
+        The one place this is decided: ``maskkit policies``, the run's first line, the batch-size
+        check, the pretrainer and the objectives all ask it. A policy with :data:`MASK_LEVEL` runs
+        all three levels of the MLO loop; any other, the pretrain level alone.
+        """
+        levels = (MASK_LEVEL,) if cls.learnable else ()
+        if cls.pretrain_parameters is not MaskPolicy.pretrain_parameters:
+            levels += (PRETRAIN_LEVEL,)
+        return levels
 
     @abc.abstractmethod
     def forward(self, batch: MaskBatch) -> MaskDecision:

@@ -30,6 +30,16 @@ from typing import Any, Protocol
 
 from maskkit.errors import ConfigError, DamagedFileError
 
+#: The files and folders of a run dir, by name (the layout above). Everything that reads or
+#: writes a run dir (the engine, ``maskkit bench``, ``evaluate``, ``export``) names them from here.
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+#: The linear probe's and k-NN's results (``protocols: true``; :mod:`maskkit.engine.protocols`).
+PROTOCOLS_FILE = "protocols.json"
+CHECKPOINTS_DIR = "checkpoints"
+PLOTS_DIR = "plots"
+
 
 def _umask() -> int:
     current = os.umask(0o022)
@@ -154,28 +164,32 @@ class RunDir:
         """An existing run dir (it must hold ``config.yaml``)."""
         run = cls(path)
         if not run.config_path.is_file():
-            raise ConfigError(f"{path} is not a maskkit run directory (no config.yaml in it)")
+            raise ConfigError(f"{path} is not a maskkit run directory (no {CONFIG_FILE} in it)")
         return run
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG_FILE
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS_FILE
 
     @property
     def summary_path(self) -> Path:
-        return self.path / "summary.json"
+        return self.path / SUMMARY_FILE
+
+    @property
+    def protocols_path(self) -> Path:
+        return self.path / PROTOCOLS_FILE
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS_DIR
 
     @property
     def plots(self) -> Path:
-        return self.path / "plots"
+        return self.path / PLOTS_DIR
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to ``metrics.jsonl`` (and hand it to each mirror)."""
@@ -252,7 +266,7 @@ class RunDir:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            also = "" if name == "summary.json" else " and summary.json"
+            also = "" if name == SUMMARY_FILE else f" and {SUMMARY_FILE}"
             raise DamagedFileError(
                 path,
                 f"not JSON: {error}",

@@ -84,6 +84,14 @@ def use_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bf16"
 
 
+def use_fused_adamw(device: torch.device, setting: bool | str) -> bool:
+    """The config's ``fused_adamw``: ``auto`` is on for the CPU (measured faster there, the same
+    update to float rounding: docs/benchmarks.md) and off elsewhere (torch's default kernel)."""
+    if setting == "auto":
+        return device.type == "cpu"
+    return bool(setting)
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, enabled: bool) -> Iterator[None]:
     if not enabled:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from maskkit.hookspecs import hookimpl
-from maskkit.masking import FanInScaledLinear, LearnedMasking, PerPatchScorer
+from maskkit.masking import FanInScaledLinear, LearnedMasking, PerPatchScorer, SlotCentring
 from maskkit.policy import MaskPolicy, PolicyContext
 
 
@@ -24,15 +24,22 @@ class MLOMasking(LearnedMasking):
     default; off in ``paper``) each token is normalised (LayerNorm without affine) before the
     flattening and the first layer is a :class:`~maskkit.masking.FanInScaledLinear`, so an AdamW
     step cannot saturate it.
+
+    Option ``centre_tokens`` (off by default): each slot's mean token is subtracted first
+    (:class:`~maskkit.masking.SlotCentring`), so the position embedding every image shares does
+    not dominate the normalised input and the mask can depend on the image (docs/mlo.md).
     """
 
     name = "mlo"
     description = "MLO-MAE reference masking network: MLP over flattened patch tokens (L·D → 512 → L)."
 
-    def __init__(self, context: PolicyContext, hidden_dim: int = 512) -> None:
+    def __init__(self, context: PolicyContext, hidden_dim: int = 512, centre_tokens: bool = False) -> None:
         super().__init__(context)
         fan_in = context.num_patches * context.embed_dim
         scaled = context.learned_mask.fan_in_scaling
+        self.centring = (
+            SlotCentring(context.num_patches, context.embed_dim) if centre_tokens else nn.Identity()
+        )
         self.input_norm = (
             nn.LayerNorm(context.embed_dim, elementwise_affine=False) if scaled else nn.Identity()
         )
@@ -40,7 +47,7 @@ class MLOMasking(LearnedMasking):
         self.scorer = nn.Sequential(first, nn.ReLU(), nn.Linear(hidden_dim, context.num_patches))
 
     def mask_logits(self, tokens: Tensor) -> Tensor:
-        return self.scorer(self.input_norm(tokens).flatten(1))
+        return self.scorer(self.input_norm(self.centring(tokens)).flatten(1))
 
 
 class MLOLightMasking(LearnedMasking):

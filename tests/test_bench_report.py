@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from maskkit.bench.aggregate import HEADLINE_METRICS, collect, paired_difference, spread
+from maskkit.bench.aggregate import HEADLINE_METRICS, collect
 from maskkit.bench.cells import expand_grid
 from maskkit.bench.comparisons import compare_to_baseline, forest_bands, forest_panels, premise
 from maskkit.bench.journal import Journal, read_journal, timings
@@ -23,6 +23,7 @@ from maskkit.bench.suite import load_suite
 from maskkit.config import config_to_yaml
 from maskkit.report import plot_grouped_bars
 from maskkit.report.forest import plot_forest
+from maskkit.report.statistics import paired_difference, spread
 
 # Student's t quantiles t(0.975, df), from a printed table (not from scipy).
 T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446}

@@ -204,17 +204,36 @@ def test_a_new_cell_clears_what_a_run_killed_before_its_config_left(tmp_path):
         cell.prepare_new()
 
 
-def test_the_smoke_suite_has_every_built_in_policy_and_none():
-    suite = load_suite(ROOT / "benchmarks" / "smoke.yaml")
+def test_every_suite_in_benchmarks_loads_and_every_cell_is_valid():
+    files = sorted((ROOT / "benchmarks").glob("*.yaml"))
+    assert {path.stem for path in files} >= {"smoke", "cpu", "cpu-fixed", "gpu", "gpu-small", "paper"}
+    for path in files:
+        suite = load_suite(path)
+        assert suite.baseline_label == "random", path.name
+        cells = expand_grid(suite, SuiteLayout(Path("/nonexistent")), data_dir=Path("/nonexistent"))
+        assert len(cells) == len(suite.datasets) * len(suite.policies) * len(suite.seeds), path.name
+
+
+def test_the_suites_cover_every_built_in_policy_and_none():
     built_in = {name for name, info in get_registry().policies.items() if info.distribution == "maskkit"}
-    assert set(suite.policy_labels) == built_in | {"none"}
-    for name in ("cpu", "gpu", "paper"):
-        other = load_suite(ROOT / "benchmarks" / f"{name}.yaml")
-        assert set(other.policy_labels) == built_in | {"none"}, name
-        assert other.seeds == [0, 1, 2] and other.baseline_label == "random"
-        expand_grid(
-            other, SuiteLayout(Path("/nonexistent")), data_dir=Path("/nonexistent")
-        )  # every cell valid
+    every = built_in | {"none"}
+    suites = {name: load_suite(ROOT / "benchmarks" / f"{name}.yaml") for name in ("smoke", "gpu", "paper")}
+    for name, suite in suites.items():
+        assert set(suite.policy_labels) == every, name
+    assert suites["gpu"].seeds == suites["paper"].seeds == [0, 1, 2]
+    # The cpu suite keeps the learned policies and the baselines; the static siblings of the guided
+    # ones have a suite of their own, at the same budget, beside `random`.
+    cpu, fixed = (load_suite(ROOT / "benchmarks" / f"{name}.yaml") for name in ("cpu", "cpu-fixed"))
+    assert set(cpu.policy_labels) | set(fixed.policy_labels) == every
+    assert {"none", "random"} <= set(cpu.policy_labels) and "random" in fixed.policy_labels
+    assert not any(label.endswith("-fixed") for label in cpu.policy_labels)
+    same_budget = {key: value for key, value in fixed.config.items() if key != "trial"}
+    assert (cpu.preset, cpu.config, cpu.seeds) == (fixed.preset, same_budget, fixed.seeds)
+    assert fixed.config["trial"]["forks"] >= 2 and "trial" not in cpu.config  # cpu: sized without it
+    assert cpu.config["finetune"]["class_balanced"] is True
+    small = load_suite(ROOT / "benchmarks" / "gpu-small.yaml")
+    assert {"none", "random", "mlo"} <= set(small.policy_labels) and small.seeds == [0, 1, 2]
+    assert set(small.dataset_labels) == {"dermamnist", "cifar10"}
 
 
 def test_unknown_names_are_reported_with_what_exists(tmp_path):

@@ -31,6 +31,7 @@ from steptime.reference import QUOTED_FIGURES, compare  # noqa: E402
 from steptime.report import add_derived, markdown  # noqa: E402
 from steptime.runner import benchmark_policy  # noqa: E402
 from steptime.variants import Variant, expand_variants  # noqa: E402
+from steptime.workload import make_config  # noqa: E402
 from steptime.workloads import REFERENCE_MODEL  # noqa: E402
 
 POLICIES = ("random", "mlo", "mlo-light", "blockwise", "hpm")
@@ -145,7 +146,10 @@ def test_the_baseline_runs_once_and_learnable_policies_once_per_setting() -> Non
 def test_the_reference_workload_sets_issue_8s_configuration_and_flags_win() -> None:
     args = parse_args(["--preset", "reference-cpu"])
     assert args.config_preset == "cpu"
-    assert {key: getattr(args, key) for key in REFERENCE_MODEL} == REFERENCE_MODEL
+    model = make_config(args, "mlo").model
+    assert {key: getattr(model, key) for key in REFERENCE_MODEL} == REFERENCE_MODEL
+    deeper = make_config(parse_args(["--preset", "reference-cpu", "--set", "model.depth=6"]), "mlo").model
+    assert deeper.depth == 6 and deeper.embed_dim == REFERENCE_MODEL["embed_dim"]
     assert (args.batch_size, args.threads, args.device, args.unroll) == (8, 1, "cpu", "1/1/1")
     assert args.policy_list == ["random", "mlo"]
     args = parse_args(["--preset", "reference-cpu", "--batch-size", "32", "--unroll", "1/1/1,2/1/1"])
@@ -312,3 +316,81 @@ def test_step_time_script_compares_unroll_settings_in_fresh_workers(tmp_path: Pa
     assert "CPU tuning: off" in completed.stdout
     assert "Issue 8" not in completed.stdout
     assert markdown(report, rows).count("**Breakdown of one") == 3
+
+
+# --------------------------------------------------------------------------- named settings, interleaved
+
+
+def test_named_settings_are_an_axis_that_every_policy_runs_in() -> None:
+    args = parse_args(
+        [
+            *QUICK,
+            *("--policies", "random,mlo", "--unroll", "1/1/1", "--setting", "eager", "compile=false"),
+            *("--setting", "compiled", "compile=true", "fused_adamw=true"),
+        ]
+    )
+    assert [variant.label for variant in args.variants] == ["eager, unroll 1/1/1", "compiled, unroll 1/1/1"]
+    # A named setting may change the pretrain level: the baseline runs in each too.
+    assert planned_runs(args) == [("random", 0), ("random", 1), ("mlo", 0), ("mlo", 1)]
+    config = make_config(args, "random", args.variants[1])
+    assert config.compile and config.fused_adamw and config.pretrain.pretrain.unroll_steps == 1
+    assert not make_config(args, "random", args.variants[0]).compile
+    twice = ["--setting", "x", "a=1", "--setting", "x", "a=2"]
+    for bad in (["--setting", "a=b"], ["--setting", "name"], twice):
+        with pytest.raises(SystemExit):
+            parse_args([*QUICK, *bad])
+
+
+def test_interleaved_settings_keep_their_own_random_streams() -> None:
+    from steptime.interleaved import benchmark_interleaved
+
+    args = parse_args(
+        [
+            *QUICK,
+            *("--warmup", "1", "--iterations", "2", "--no-policy-subprocess", "--no-breakdown"),
+            *("--setting", "plain", "fused_adamw=false", "--setting", "fused", "fused_adamw=true"),
+            *("--setting", "faster", "pretrain.pretrain.lr=0.002", "--interleave", "--learned-mask-costs"),
+        ]
+    )
+    rows = benchmark_interleaved(args, "mlo-light", [0, 1, 2])
+    assert [row["status"] for row in rows] == ["ok"] * 3, [row.get("error") for row in rows]
+    plain, fused, faster = rows
+    for row in rows:
+        assert row["interleaved"] and row["first_iteration_s"] > 0 and len(row["iteration_seconds"]) == 2
+        assert len(row["level_losses"]) == 2 and row["flops_per_iteration"] > 0
+        assert row["learned_mask_costs"]["parts"]["mask decision (forward)"]["per_iteration_calls"] >= 2
+    # Same draws for every setting: the fused update agrees to rounding, another lr does not.
+    assert plain["loss_agreement"] == 0.0
+    assert fused["loss_agreement"] < 1e-5
+    assert faster["loss_agreement"] > 1e-4
+
+
+def test_the_learned_mask_work_is_amortised_by_the_engine_s_schedule() -> None:
+    from steptime.learned_mask_cost import run_schedule
+
+    config = make_config(parse_args(["--preset", "cpu"]), "mlo").pretrain
+    # The `cpu` preset on DermaMNIST: 6 epochs over 7007 images at batch 128, unroll 2/1/1.
+    schedule = run_schedule(config, 329)
+    assert schedule["iterations"] == 164  # mask steps
+    assert schedule["refits"] == 32  # every 5 mask steps
+    # Every 13 pretrain steps and at the last one, plus step 0; the SNR probe after mask steps.
+    assert schedule["health_records"] == 1 + 25 + 1
+    assert schedule["snr_probes"] == 12
+    paper = make_config(parse_args(["--preset", "paper"]), "mlo").pretrain
+    assert run_schedule(paper, 329)["refits"] == 0
+
+
+def test_mfu_is_of_the_datasheet_dense_peak() -> None:
+    from steptime.peak import datasheet_peak, device_peak
+
+    assert datasheet_peak("NVIDIA H100 80GB HBM3").flops_per_s == pytest.approx(989.5e12)
+    assert datasheet_peak("NVIDIA H100 PCIe").flops_per_s == pytest.approx(756.5e12)
+    assert datasheet_peak("NVIDIA H200").flops_per_s == pytest.approx(989.5e12)
+    assert datasheet_peak("NVIDIA H200 NVL").flops_per_s == pytest.approx(835.5e12)
+    assert "datasheet" in datasheet_peak("NVIDIA A100-SXM4-80GB").source
+    assert datasheet_peak("Tesla T4") is None
+    assert device_peak(CPU, None) is None
+    assert device_peak(CPU, 2.5).flops_per_s == 2.5e12
+    rows = [{"policy": "random", "status": "ok", "per_pretrain_step_s": 1.0, "achieved_flops_per_s": 4e14}]
+    add_derived(rows, None, {"flops_per_s": 8e14, "source": "test"})
+    assert rows[0]["mfu"] == pytest.approx(0.5)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_helpers import assert_user_error, maskkit
 from helpers import write_medmnist_npz
-from test_cli import assert_user_error, maskkit
 
 from maskkit.errors import PluginError
 from maskkit.plugins import create_policy

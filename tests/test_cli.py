@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import MASKKIT_CLI, SHARED_DATA, write_medmnist_npz
+from cli_helpers import assert_user_error, maskkit
+from helpers import SHARED_DATA, write_medmnist_npz
 from PIL import Image
 from safetensors.torch import load_file
-
-MASKKIT = MASKKIT_CLI
-
-
-def maskkit(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "COLUMNS": "120", **(env or {})}
-    return subprocess.run(
-        [*MASKKIT, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=environment, timeout=600
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr + result.stdout
-    assert "Traceback" not in result.stderr
-    message = " ".join(result.stderr.split())  # rich may wrap long lines
-    assert message.startswith("error:"), message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cli_helpers import MASKKIT, assert_user_error, last_checkpoint_step, maskkit
 from helpers import write_medmnist_npz
-from test_cli import MASKKIT, assert_user_error, maskkit
-from test_reliability import _last_step
 
 from maskkit.checkpoint import load_checkpoint
 from maskkit.data import DeviceBatches, ImageSplit
@@ -346,7 +345,7 @@ def _worker_pid(launcher: subprocess.Popen, rank: int, timeout: float = 300) -> 
 
 def _wait_for_checkpoint(run_dir: Path, launcher: subprocess.Popen, step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while _last_step(run_dir) < step:
+    while last_checkpoint_step(run_dir) < step:
         assert launcher.poll() is None, launcher.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"no checkpoint at step {step} within {timeout} s"
         time.sleep(0.02)
@@ -381,7 +380,7 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes_on_one_process(data_d
         f"--resume {run_dir} --nproc 2",
     ):
         assert fragment in errors[0], errors[0]
-    step = _last_step(run_dir)
+    step = last_checkpoint_step(run_dir)
     assert 4 <= step < 24
     checkpoint = load_checkpoint(run_dir / "checkpoints", "last")
     assert checkpoint.state["step"] == step and len(checkpoint.state["rng_by_rank"]) == PROCESSES
@@ -390,7 +389,7 @@ def test_a_killed_process_ends_the_job_and_the_run_resumes_on_one_process(data_d
     # A user error in the processes reaches the launcher as the single-process line, exit code 2.
     result = maskkit("train", "--resume", run_dir, "--nproc", PROCESSES, "--set", "seed=5", env=ENV)
     assert_user_error(result, "seed (saved 0, given 5)")
-    assert result.stderr.count("error:") == 1 and _last_step(run_dir) == step
+    assert result.stderr.count("error:") == 1 and last_checkpoint_step(run_dir) == step
 
     result = maskkit("train", "--resume", run_dir, env=ENV)  # one process now
     assert result.returncode == 0, result.stderr
@@ -445,7 +444,8 @@ def test_a_process_that_raises_or_hangs_ends_the_job(data_dir, tmp_path, fault):
         assert f"collective timeout of {timeout} s" in errors[0]
         assert time.monotonic() - started < 240
     assert f"--resume {run_dir} --nproc 2" in errors[0]
-    assert _last_step(run_dir) >= 4  # its third finetune step comes after pretrain step 5 (unroll 2)
+    # its third finetune step comes after pretrain step 5 (unroll 2)
+    assert last_checkpoint_step(run_dir) >= 4
     load_checkpoint(run_dir / "checkpoints", "last")
 
 

@@ -61,8 +61,8 @@ def test_policy_options_in_the_examples_are_ones_the_policy_takes() -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_a_policy_that_reads_priors_gets_a_provider_that_gives_them(preset: str) -> None:
+    from maskkit.engine.priors import check_prior_choice
     from maskkit.plugins import policy_info
-    from maskkit.priors.attach import check_prior_choice
 
     guided = 0
     for path in POLICY_CONFIGS:

@@ -8,14 +8,14 @@ import itertools
 import pytest
 import torch
 from helpers import quiet_context, synthetic_dataset, tiny_config, with_priors
-from test_hypergradient import (
+from hypergradient_check import (
     DELTA,
     ETA_PRETRAIN,
     HEAD_DROPOUT,
-    _cosine,
-    _finite_difference,
-    _run_engine,
     check_paths,
+    cosine,
+    finite_difference,
+    run_engine,
 )
 
 from maskkit.checkpoint import load_checkpoint
@@ -267,12 +267,12 @@ def _double(pretrainer: Pretrainer) -> Pretrainer:
 )
 def test_the_hypergradient_reaches_the_guidance_parameters(tmp_path, policy, options, parameter) -> None:
     pretrainer = _double(_pretrainer(tmp_path, policy, options, finetune={"head_dropout": HEAD_DROPOUT}))
-    run = _run_engine(pretrainer)
+    run = run_engine(pretrainer)
     # A larger step than test_hypergradient's 1e-6: the loss moves by ~1e-14 at that step here,
     # at float64's noise floor (measured: the ratio entries' finite difference drifts by 3x).
     references = {
-        "pretrain": _finite_difference(pretrainer, run, "pretrain", step=1e-4) / ETA_PRETRAIN,
-        "finetune-pretrain": _finite_difference(pretrainer, run, "finetune-pretrain", step=1e-4)
+        "pretrain": finite_difference(pretrainer, run, "pretrain", step=1e-4) / ETA_PRETRAIN,
+        "finetune-pretrain": finite_difference(pretrainer, run, "finetune-pretrain", step=1e-4)
         / (ETA_PRETRAIN * DELTA),
     }
     assert check_paths(run, references) == []
@@ -286,7 +286,7 @@ def test_the_hypergradient_reaches_the_guidance_parameters(tmp_path, policy, opt
         assert want.abs().max() > 0 and got.abs().max() > 0, path
         assert torch.allclose(got, want, rtol=0.2, atol=0.05 * float(want.abs().max())), (path, got, want)
     if policy == "region-ratio":
-        assert _cosine(run.parts["pretrain"], references["pretrain"]) > 0.95
+        assert cosine(run.parts["pretrain"], references["pretrain"]) > 0.95
 
 
 def test_a_guided_run_resumes_bit_exactly(tmp_path, monkeypatch) -> None:

@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from cli_helpers import maskkit
 from helpers import quiet_context, tiny_config, write_medmnist_npz
 from PIL import Image
 from rich.console import Console
-from test_cli import maskkit
 
 from maskkit.checkpoint import load_checkpoint
 from maskkit.data import ImageSplit, LabelledDataset, make_splits, normalize

@@ -34,206 +34,24 @@ each fail it.
 from __future__ import annotations
 
 import contextlib
-import itertools
-from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import quiet_context, synthetic_dataset, tiny_config
+from hypergradient_check import (
+    PATHS,
+    build_pretrainer,
+    check_paths,
+    cosine,
+    flat,
+    path_references,
+    run_engine,
+)
 
 from maskkit.engine import hypergradient
-from maskkit.engine.objectives import mask_batch
 from maskkit.engine.pretrain import Pretrainer
 from maskkit.engine.run import build_models
-from maskkit.weighting import WEIGHTINGS, loss_weighting
-
-PATHS = ("pretrain", "finetune-pretrain")
-ETA_PRETRAIN, DELTA = 1e-3, 1e-2
-HEAD_DROPOUT = 0.1
-_RUN_NUMBERS = itertools.count()
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a, b, dim=0))
-
-
-def _build(tmp_path, policy: str, weighting: str, precision: str = "fp32", **estimator) -> Pretrainer:
-    """A tiny three-level run in float64 (``precision="bf16"``: float32 weights under bf16
-    autocast instead); ``estimator`` sets options of ``pretrain.hypergradient``."""
-    torch.manual_seed(0)
-    config = tiny_config(
-        policy,
-        precision=precision,
-        policy_options={"hidden_dim": 4 if policy == "mlo-light" else 2},
-        pretrain={"weighting": weighting, "hypergradient": estimator},
-        finetune={"head_dropout": HEAD_DROPOUT},
-    )
-    dataset = synthetic_dataset()
-    context = quiet_context(config, dataset, tmp_path / f"run-{next(_RUN_NUMBERS)}")
-    mae, mask_policy, head = build_models(config, len(dataset.class_names), context.device)
-    pretrainer = Pretrainer(context, mae, mask_policy, head)
-    if precision == "bf16":
-        return pretrainer
-    for module in (mae, mask_policy, head):
-        module.double()
-    for level in pretrainer.mlo.levels.values():
-        source = level.spec.next_batch
-        level.spec.next_batch = lambda source=source: (lambda b: b._replace(images=b.images.double()))(
-            source()
-        )
-    return pretrainer
-
-
-@dataclass
-class EngineRun:
-    """What one MLO iteration of the engine leaves for the comparison."""
-
-    parts: dict[str, torch.Tensor]  # path name → [P]
-    total: torch.Tensor  # [P]
-    policy_before: list[torch.Tensor]
-    moved: torch.Tensor  # [P], the mask level's update
-    val_rng: torch.Tensor  # RNG state when the level-3 loss drew its dropout
-    finetune_pair_rng: torch.Tensor | None  # RNG state when the level-2 product drew its dropout
-    pretrain_pair: object = None  # the pretrain product's shared part: its (sampled) decision
-
-
-def _run_engine(pretrainer: Pretrainer) -> EngineRun:
-    """One iteration with the hypergradient split by path, recording the RNG states of the
-    level-3 loss and of the level-2 pair."""
-    objectives = pretrainer.objectives
-    states: dict[str, torch.Tensor] = {}
-
-    def recording(name, function):
-        def wrapped(*args, **kwargs):
-            states.setdefault(name, torch.get_rng_state())
-            return function(*args, **kwargs)
-
-        return wrapped
-
-    mask_spec = pretrainer.mlo.levels["mask"].spec
-    finetune_pair = pretrainer.mlo.levels["finetune"].spec.functional
-    mask_spec.loss = recording("val", mask_spec.loss)
-    finetune_pair.prepare = recording("finetune_pair", finetune_pair.prepare)
-    pretrain_functional = pretrainer.mlo.levels["pretrain"].spec.functional
-    pairs: list = []
-    prepare_pretrain = pretrain_functional.prepare
-
-    def keeping_the_pair(batch):
-        pairs.append(prepare_pretrain(batch))
-        return pairs[-1]
-
-    pretrain_functional.prepare = keeping_the_pair
-    policy_before = [p.detach().clone() for p in pretrainer.policy.parameters()]
-    pretrainer.mlo.request_path_hypergradients()
-    pretrainer.mlo.step(1)  # pretrain step, finetune step, mask step (hypergradient)
-    mask_level = pretrainer.mlo.levels["mask"]
-    assert objectives.counts["mask/step"] == 1
-    return EngineRun(
-        parts={name: _flat(part) for name, part in mask_level.last_path_hypergradients.items()},
-        total=_flat(mask_level.last_hypergradient),
-        policy_before=policy_before,
-        moved=_flat(pretrainer.policy.parameters()) - _flat(policy_before),
-        val_rng=states["val"],
-        finetune_pair_rng=states.get("finetune_pair"),
-        pretrain_pair=pairs[0] if pairs else None,  # cg evaluates the loss, not the pair
-    )
-
-
-def _unrolled_validation_loss(pretrainer: Pretrainer, run: EngineRun, path: str, pair) -> float:
-    """The validation loss after one unrolled step, with T's effect only along ``path``, at
-    the policy's current parameters; leaves E and C as it found them."""
-    levels, objectives = pretrainer.mlo.levels, pretrainer.objectives
-    mae, head, policy, weighting = pretrainer.mae, pretrainer.head, pretrainer.policy, pretrainer.weighting
-    encoder_params, head_params = list(mae.parameters()), list(head.parameters())
-    saved = [p.detach().clone() for p in encoder_params + head_params]
-    try:
-        images, decision = pair.images, pair.decision
-        tokens = mae.embed(images)
-        batch = mask_batch(mae, images, weighting.policy_tokens(tokens), 0.5, pair.priors)
-        weights = policy(batch).weights
-        pred = mae.decode(mae.encode(tokens, decision.ids_keep), decision.ids_restore)
-        error = mae.reconstruction_error(images, pred)
-        if weighting.in_pretrain_step:
-            pretrain_loss = weighting.loss(error, decision.mask, weights)
-        else:  # the surrogate: normalized weighting at 1 + w(T) − w(T₀)
-            surrogate = 1.0 + weights - pair.weights.detach()
-            pretrain_loss = loss_weighting("normalized").loss(error, decision.mask, surrogate)
-        grads = torch.autograd.grad(pretrain_loss, encoder_params, allow_unused=True)
-        with torch.no_grad():
-            for p, g in zip(encoder_params, grads, strict=True):
-                if g is not None:
-                    p.sub_(ETA_PRETRAIN * g)
-        if path == "finetune-pretrain":
-            torch.set_rng_state(run.finetune_pair_rng)
-            images, labels, _ = levels["finetune"].cur_batch
-            finetune_loss = objectives.head_loss(mae.features(images), labels)  # class-balanced
-            grads = torch.autograd.grad(finetune_loss, head_params)
-            with torch.no_grad():
-                for p, g in zip(head_params, grads, strict=True):
-                    p.sub_(DELTA * g)
-                for p, s in zip(encoder_params, saved, strict=False):
-                    p.copy_(s)  # E back at its value: T now reaches L_val through C alone
-        with torch.no_grad():
-            torch.set_rng_state(run.val_rng)
-            return float(objectives.mask_loss(levels["mask"].cur_batch))
-    finally:
-        with torch.no_grad():
-            for p, s in zip(encoder_params + head_params, saved, strict=True):
-                p.copy_(s)
-
-
-def _finite_difference(pretrainer: Pretrainer, run: EngineRun, path: str, step: float = 1e-6):
-    """Central differences over every mask parameter, at the parameters the engine's
-    hypergradient was taken at: ``[P]``."""
-    with torch.no_grad():
-        for p, before in zip(pretrainer.policy.parameters(), run.policy_before, strict=True):
-            p.copy_(before)
-    # The decision (sampled: the very draw) and, for the surrogate, w(T₀) the engine's pretrain
-    # product used.
-    pair = run.pretrain_pair
-    estimates = []
-    for parameter in pretrainer.policy.parameters():
-        flat = parameter.data.view(-1)
-        for index in range(flat.numel()):
-            original = flat[index].item()
-            flat[index] = original + step
-            plus = _unrolled_validation_loss(pretrainer, run, path, pair)
-            flat[index] = original - step
-            minus = _unrolled_validation_loss(pretrainer, run, path, pair)
-            flat[index] = original
-            estimates.append((plus - minus) / (2 * step))
-    return torch.tensor(estimates, dtype=torch.float64)
-
-
-def _references(pretrainer: Pretrainer, run: EngineRun) -> dict[str, torch.Tensor]:
-    return {
-        "pretrain": _finite_difference(pretrainer, run, "pretrain") / ETA_PRETRAIN,
-        "finetune-pretrain": _finite_difference(pretrainer, run, "finetune-pretrain")
-        / (ETA_PRETRAIN * DELTA),
-    }
-
-
-def check_paths(run: EngineRun, references: dict[str, torch.Tensor], threshold: float = 0.95) -> list[str]:
-    """The problems found with the engine's per-path hypergradients (empty when all is well):
-    each path must point where its finite difference points and have about its size."""
-    problems = []
-    for path in PATHS:
-        part, reference = run.parts.get(path), references[path]
-        if part is None or part.norm() == 0:
-            problems.append(f"path {path}: missing or zero")
-            continue
-        cosine = _cosine(part, reference)
-        if cosine < threshold:
-            problems.append(f"path {path}: cosine {cosine:.3f} with its finite difference")
-        ratio = float(part.norm() / reference.norm())
-        if not 2 / 3 < ratio < 3 / 2:
-            problems.append(f"path {path}: norm {ratio:.2f}× its finite difference's")
-    return problems
+from maskkit.weighting import WEIGHTINGS
 
 
 @pytest.fixture(scope="module")
@@ -243,9 +61,9 @@ def cases(tmp_path_factory):
 
     def get(policy: str, weighting: str):
         if (policy, weighting) not in built:
-            pretrainer = _build(tmp_path_factory.mktemp("run"), policy, weighting)
-            run = _run_engine(pretrainer)
-            built[policy, weighting] = (pretrainer, run, _references(pretrainer, run))
+            pretrainer = build_pretrainer(tmp_path_factory.mktemp("run"), policy, weighting)
+            run = run_engine(pretrainer)
+            built[policy, weighting] = (pretrainer, run, path_references(pretrainer, run))
         return built[policy, weighting]
 
     return get
@@ -295,7 +113,7 @@ def _mutant(kind: str, path: str, pretrainer: Pretrainer):
             return [torch.zeros_like(r) for r in result]
         if kind == "flip":
             return [-r for r in result]
-        scale = float(_flat(result).norm()) / max(1, _flat(result).numel()) ** 0.5
+        scale = float(flat(result).norm()) / max(1, flat(result).numel()) ** 0.5
         return [r + 3 * scale * torch.randn(r.shape, generator=generator, dtype=r.dtype) for r in result]
 
     return product
@@ -305,9 +123,9 @@ def _mutant(kind: str, path: str, pretrainer: Pretrainer):
 @pytest.mark.parametrize("kind", ["cut", "flip", "noise"])
 def test_the_check_fails_when_a_path_is_broken(cases, tmp_path, monkeypatch, kind, path):
     _, _, references = cases("mlo-light", "straight-through")
-    pretrainer = _build(tmp_path, "mlo-light", "straight-through")
+    pretrainer = build_pretrainer(tmp_path, "mlo-light", "straight-through")
     monkeypatch.setitem(hypergradient.ESTIMATORS, "darts", _mutant(kind, path, pretrainer))
-    run = _run_engine(pretrainer)
+    run = run_engine(pretrainer)
     problems = check_paths(run, references)
     assert any(problem.startswith(f"path {path}:") for problem in problems), problems
 
@@ -320,7 +138,7 @@ FINITE_DIFFERENCE = {"darts_mode": "finite-difference", "darts_alpha": 1e-5}
 @pytest.mark.parametrize("weighting", ["reference", "straight-through"])
 def test_finite_difference_darts_follows_each_path_too(cases, tmp_path, weighting):
     _, _, references = cases("mlo-light", weighting)
-    run = _run_engine(_build(tmp_path, "mlo-light", weighting, **FINITE_DIFFERENCE))
+    run = run_engine(build_pretrainer(tmp_path, "mlo-light", weighting, **FINITE_DIFFERENCE))
     assert check_paths(run, references) == []
 
 
@@ -334,34 +152,34 @@ def test_the_exact_product_runs_under_bf16_autocast_and_agrees_with_fp32(tmp_pat
         return torch.func.jvp(*args, **kwargs)
 
     monkeypatch.setattr(hypergradient, "jvp", recording_jvp)
-    bf16 = _run_engine(_build(tmp_path, "mlo-light", "straight-through", precision="bf16"))
+    bf16 = run_engine(build_pretrainer(tmp_path, "mlo-light", "straight-through", precision="bf16"))
     # Split by path: the finetune-level product, and the pretrain-level product once per path.
     assert under_autocast == [True, True, True]
-    fp32_products = _build(tmp_path, "mlo-light", "straight-through", precision="bf16")
+    fp32_products = build_pretrainer(tmp_path, "mlo-light", "straight-through", precision="bf16")
     for level in fp32_products.mlo.levels.values():
         if level.spec.functional is not None:
             level.spec.functional.exact_precision = contextlib.nullcontext
-    fp32 = _run_engine(fp32_products)
+    fp32 = run_engine(fp32_products)
     assert under_autocast[3:] == [False, False, False]
     for path in PATHS:
-        assert _cosine(bf16.parts[path], fp32.parts[path]) > 0.99
+        assert cosine(bf16.parts[path], fp32.parts[path]) > 0.99
 
 
 def test_finite_difference_without_matched_random_draws_fails_the_check(cases, tmp_path, monkeypatch):
     # The dropout defect: the two sides of the finetune pair draw different dropout masks.
     _, _, references = cases("mlo-light", "straight-through")
     monkeypatch.setattr(hypergradient, "same_random_draws", lambda device: contextlib.nullcontext())
-    run = _run_engine(_build(tmp_path, "mlo-light", "straight-through", **FINITE_DIFFERENCE))
+    run = run_engine(build_pretrainer(tmp_path, "mlo-light", "straight-through", **FINITE_DIFFERENCE))
     assert any(problem.startswith("path finetune-pretrain:") for problem in check_paths(run, references))
 
 
 def test_merged_paths_give_the_same_hypergradient_as_split_ones(tmp_path):
-    split = _run_engine(_build(tmp_path, "mlo-light", "straight-through"))
-    merged_pretrainer = _build(tmp_path, "mlo-light", "straight-through")
+    split = run_engine(build_pretrainer(tmp_path, "mlo-light", "straight-through"))
+    merged_pretrainer = build_pretrainer(tmp_path, "mlo-light", "straight-through")
     merged_pretrainer.mlo.step(1)  # no split requested: one pretrain pair for both paths
-    merged = _flat(merged_pretrainer.mlo.levels["mask"].last_hypergradient)
+    merged = flat(merged_pretrainer.mlo.levels["mask"].last_hypergradient)
     assert merged_pretrainer.mlo.levels["mask"].last_path_hypergradients == {}
-    assert _cosine(merged, split.total) > 0.999
+    assert cosine(merged, split.total) > 0.999
     # The finetune product differentiated through the finetune step's own features: no
     # second encoder pass for level 2.
     counts = merged_pretrainer.objectives.counts
@@ -389,10 +207,10 @@ def test_cg_agrees_with_darts_on_each_path_of_a_tiny_vit(cases, tmp_path, policy
     # It used to drop the finetune path (a zero product into E) and to crash on the ViT's
     # attention (no double backward through the fused kernel) at the first MLO iteration.
     _, darts, _ = cases(policy, "straight-through")
-    run = _run_engine(_build(tmp_path, policy, "straight-through", estimator="cg"))
+    run = run_engine(build_pretrainer(tmp_path, policy, "straight-through", estimator="cg"))
     for path in PATHS:
         assert run.parts[path].norm() > 0, path
-        assert _cosine(run.parts[path], darts.parts[path]) > 0.95, path
+        assert cosine(run.parts[path], darts.parts[path]) > 0.95, path
 
 
 def test_conjugate_gradient_solves_positive_definite_systems_and_stops_at_negative_curvature():

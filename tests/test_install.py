@@ -143,3 +143,17 @@ def test_documented_install_commands_name_the_environment_they_install_into() ->
     for page in pages:
         for block in re.findall(r"```(?:bash|console)\n(.*?)```", page.read_text(), flags=re.S):
             assert not BARE_PIP.search(block), f"{page.relative_to(ROOT)}: a bare `pip install` in {block!r}"
+
+
+def test_every_package_of_maskkit_is_in_the_wheel() -> None:
+    """pyproject.toml names maskkit's packages one by one: a new one left out would be missing
+    from the wheel (an editable install would not show it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(path.parent.relative_to(ROOT).parts)
+        for path in (ROOT / "maskkit").rglob("__init__.py")
+        if "__pycache__" not in path.parts
+    }
+    assert found - listed == set(), "add them to pyproject.toml's [tool.setuptools] packages"

@@ -13,8 +13,8 @@ import yaml
 
 from maskkit.config import LEGACY_LEARNED_MASK, LearnedMaskConfig, build_config, load_run_config
 from maskkit.engine.mask_health import image_dependence, jaccard_distance, saturated_share
-from maskkit.errors import MaskkitWarning
-from maskkit.masking import bounded_logits, plackett_luce_log_prob, sample_decision
+from maskkit.errors import ConfigError, MaskkitWarning
+from maskkit.masking import SlotCentring, bounded_logits, plackett_luce_log_prob, sample_decision
 from maskkit.plugins import create_policy
 from maskkit.policy import MaskBatch, PolicyContext, validate_decision
 from maskkit.weighting import loss_weighting
@@ -59,6 +59,32 @@ def test_the_reference_mlo_saturates_within_five_steps_at_vit_s2_width():
 
 def test_the_default_mlo_does_not_saturate_at_vit_s2_width():
     assert _saturation_after_noise_steps(LearnedMaskConfig(), steps=10) <= 0.10
+
+
+def test_centred_tokens_let_mlo_depend_on_the_image_at_vit_s2_width():
+    """Tokens dominated by a shared position component give the normalised, flattened input
+    nearly the same for every image: the mask is one mask for all. Centring each slot removes
+    the shared part (in training by the batch's mean, in evaluation by the running mean)."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = _tokens(16, generator)
+    dependence = {}
+    for centre in (False, True):
+        torch.manual_seed(0)
+        policy = MLOMasking(
+            PolicyContext(**VIT_S2, learned_mask=LearnedMaskConfig()), 64, centre_tokens=centre
+        )
+        with torch.no_grad():
+            policy.train()
+            policy.mask_logits(tokens)  # one training batch sets the running mean
+            policy.eval()
+            dependence[centre] = image_dependence(policy.mask_logits(tokens))
+    assert dependence[False] < 0.2 < 0.5 < dependence[True]  # measured: 0.14 and 0.60
+    fresh = SlotCentring(256, 384).eval()  # before any training batch: the batch's own mean
+    torch.testing.assert_close(fresh(tokens + 5.0), tokens - tokens.mean(0, keepdim=True))
+    centring = SlotCentring(256, 384).train()
+    shifted = centring(tokens + 5.0)
+    torch.testing.assert_close(shifted, tokens - tokens.mean(0, keepdim=True))
+    torch.testing.assert_close(centring.eval()(tokens), tokens - tokens.mean(0, keepdim=True) - 5.0)
 
 
 def test_bounded_logits_are_bounded_standardised_and_scale_free():
@@ -174,6 +200,29 @@ def test_old_configs_naming_hypergradient_only_load_as_straight_through():
     messages = [str(w.message) for w in caught if issubclass(w.category, MaskkitWarning)]
     assert len(messages) == 1 and "'hypergradient-only' is now called 'straight-through'" in messages[0]
     assert loss_weighting("hypergradient-only") == loss_weighting("straight-through")
+
+
+def test_score_function_without_sampling_is_refused_before_the_run():
+    overrides = [{"pretrain": {"weighting": "score-function", "learned_mask": {"selection": "top-k"}}}]
+    with pytest.raises(ConfigError, match="'score-function' needs sampled masks"):
+        build_config("smoke", overrides=overrides)
+    build_config("smoke", overrides=[{"pretrain": {"weighting": "score-function"}}])  # sampling: fine
+
+
+def test_a_policy_state_saved_with_progress_and_an_output_bias_loads():
+    """States saved in early 2026-12 hold ``progress`` and the scorer's output bias; both are
+    dropped on load, which changes no bounded logit."""
+    context = PolicyContext(
+        num_patches=16, embed_dim=8, grid_size=4, patch_size=8, learned_mask=LearnedMaskConfig()
+    )
+    light = create_policy("mlo-light", context)
+    saved = {**light.state_dict(), "progress": torch.tensor(0.5), "scorer.3.bias": torch.tensor([4.0])}
+    fresh = create_policy("mlo-light", context)
+    fresh.load_state_dict(saved)
+    tokens = torch.randn(2, 16, 8)
+    torch.testing.assert_close(fresh.mask_logits(tokens), light.mask_logits(tokens))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict({**saved, "scorer.3.other": torch.tensor([1.0])})
 
 
 def test_the_paper_preset_keeps_the_reference_mask():

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.progress import Progress
 
 from maskkit.consoles import user_console
-from maskkit.engine.progress import PlainProgress, progress_display
 from maskkit.engine.run import _execute, build_models
 from maskkit.errors import ConfigError
+from maskkit.progress import PlainProgress, progress_display
 from maskkit.tensorboard_log import TensorBoardMirror, require_tensorboard
 
 
@@ -90,7 +90,7 @@ def test_plain_progress_takes_a_completed_count_and_prints_the_last_line() -> No
 
 
 def test_a_priors_build_written_to_a_file_shows_plain_progress_lines(tmp_path: Path) -> None:
-    from maskkit.priors.attach import PriorSpec, attach_priors
+    from maskkit.engine.priors import PriorSpec, attach_priors
 
     out = io.StringIO()
     dataset = synthetic_dataset()

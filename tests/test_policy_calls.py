@@ -19,10 +19,16 @@ from maskkit.engine.policy_calls import (
     plugin_code,
 )
 from maskkit.engine.pretrain import policy_pretrain_parameters
-from maskkit.engine.run import policy_context
 from maskkit.errors import ConfigError, PluginError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT
-from maskkit.policy import MalformedDecisionError, MaskBatch, MaskDecision, MaskPolicy, decision_from_scores
+from maskkit.policy import (
+    MalformedDecisionError,
+    MaskBatch,
+    MaskDecision,
+    MaskPolicy,
+    decision_from_scores,
+    policy_context,
+)
 from maskkit.weighting import loss_weighting
 
 

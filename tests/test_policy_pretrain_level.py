@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from maskkit.engine.objectives import masked_reconstruction
 from maskkit.engine.pretrain import Pretrainer
-from maskkit.engine.run import build_models, policy_context
+from maskkit.engine.run import build_models
 from maskkit.errors import PluginError
-from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, decision_from_scores
+from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, decision_from_scores, policy_context
 
 PREDICTED = "predicted error"
 

@@ -12,9 +12,9 @@ from maskkit.config import ModelConfig
 from maskkit.data import DeviceBatches, ImageSplit, iterate_eval, make_splits
 from maskkit.engine.diagnostics import split_mask_statistics
 from maskkit.engine.pretrain import Pretrainer
-from maskkit.engine.run import build_models, policy_context
+from maskkit.engine.run import build_models
 from maskkit.models.mae import MaskedAutoencoderViT
-from maskkit.policy import MaskBatch, MaskPolicy, decision_from_scores
+from maskkit.policy import MaskBatch, MaskPolicy, decision_from_scores, policy_context
 from maskkit.priors.alignment import pool_to_patches
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -14,25 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import CliResult, assert_one_clean_error_line, run_cli_in_process
 from helpers import write_medmnist_npz
 from PIL import Image
-from test_plugins import CliResult, FakeEntryPoint, assert_one_clean_error_line, run_cli_in_process
+from plugin_packages import FakeEntryPoint
 
 import maskkit.plugins as plugins_module
 from maskkit.hookspecs import hookimpl
 from maskkit.plugins import get_registry
 from maskkit.priors.provider import IMPORTANCE, PriorProvider
 
+#: maskkit's own entry points (pyproject.toml's ``[project.entry-points.maskkit]``): name → module.
 BUILT_IN_MODULES = {
-    "random": "maskkit_plugins.random_mae",
-    "mlo": "maskkit_plugins.mlo",
-    "semantic-soft": "maskkit_plugins.semantic_soft",
-    "region-ratio": "maskkit_plugins.region_ratio",
-    "constraint": "maskkit_plugins.constraint",
-    "prior-center": "maskkit_plugins.center_prior",
-    "prior-otsu": "maskkit_plugins.otsu_prior",
-    "prior-saliency": "maskkit_plugins.saliency_prior",
-    "prior-sam": "maskkit_plugins.sam_prior",
+    entry_point.name: entry_point.value
+    for entry_point in importlib.metadata.entry_points(group="maskkit")
+    if entry_point.dist is not None and entry_point.dist.name == "maskkit"
 }
 
 
@@ -277,8 +273,8 @@ def test_a_subsets_priors_are_the_first_of_the_whole_splits(tmp_path) -> None:
     from helpers import synthetic_dataset
     from rich.console import Console
 
-    from maskkit.engine.run import limit_dataset
-    from maskkit.priors.attach import PriorsNotBuiltError, PriorSpec, attach_priors
+    from maskkit.data import limit_dataset
+    from maskkit.engine.priors import PriorsNotBuiltError, PriorSpec, attach_priors
 
     quiet = Console(quiet=True)
     whole = synthetic_dataset()

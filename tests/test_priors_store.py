@@ -10,7 +10,7 @@ import torch
 from helpers import synthetic_dataset
 from rich.console import Console
 
-from maskkit.priors.attach import PriorsNotBuiltError, PriorSpec, attach_priors, store_paths
+from maskkit.engine.priors import PriorsNotBuiltError, PriorSpec, attach_priors, store_paths
 from maskkit.priors.store import PriorStore
 from maskkit_plugins.center_prior import CenterPrior
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import MASKKIT, assert_user_error, last_checkpoint_step, maskkit
 from helpers import write_medmnist_npz
-from test_cli import MASKKIT, assert_user_error, maskkit
 
 from maskkit.cache import cached_tensors
 from maskkit.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
@@ -34,14 +34,6 @@ def data_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _last_step(run_dir: Path) -> int:
-    pointer = run_dir / "checkpoints" / "last.json"
-    try:
-        return json.loads(pointer.read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return -1
-
-
 def _start(run_args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [*MASKKIT, *map(str, run_args)],
@@ -55,7 +47,7 @@ def _kill_when(process: subprocess.Popen, run_dir: Path, min_step: int, timeout:
     """SIGKILL ``process`` as soon as its last checkpoint reaches ``min_step``; return that step."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        step = _last_step(run_dir)
+        step = last_checkpoint_step(run_dir)
         if step >= min_step:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
@@ -104,7 +96,7 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(data_dir, tm
     for min_step in (2, 5):
         _kill_when(process, run_dir, min_step=min_step)
         checkpoint = load_checkpoint(run_dir / "checkpoints", "last")
-        assert checkpoint.state["step"] == _last_step(run_dir)
+        assert checkpoint.state["step"] == last_checkpoint_step(run_dir)
         assert {"mae", "policy", "head"} <= set(checkpoint.weights)
         process = _start(["train", "--resume", run_dir])
     assert process.wait(timeout=600) == 0
@@ -251,7 +243,7 @@ def test_sigint_points_at_resume(data_dir, tmp_path):
         # KeyboardInterrupt: give the run the default disposition, as a terminal would.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    _wait_for(lambda: _last_step(run_dir) >= 4)
+    _wait_for(lambda: last_checkpoint_step(run_dir) >= 4)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130

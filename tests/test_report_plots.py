@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from maskkit.report import (
-    plot_bar_comparison,
     plot_confusion_matrix,
     plot_mask_grid,
     plot_training_curves,
@@ -272,17 +271,6 @@ def test_mask_grid_mismatched_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="titles"):
         plot_mask_grid(originals, originals, originals, tmp_path / "x.png", titles=("a",))
     assert not (tmp_path / "x.png").exists()
-
-
-# --------------------------------------------------------------------------- bar comparison
-
-
-def test_bar_comparison(tmp_path: Path) -> None:
-    values = {"random": 0.812, "mlo-mae": 0.853, "attention-guided": 0.83, "broken": float("nan")}
-    out = plot_bar_comparison(values, tmp_path / "bar.png", "accuracy", "Policies")
-    img = _open_png(out)
-    assert _distinct_colours(img) > 10
-    _open_png(plot_bar_comparison({}, tmp_path / "empty.png", "accuracy", "Nothing"))
 
 
 def _drawn_titles(monkeypatch: pytest.MonkeyPatch) -> list:

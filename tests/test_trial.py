@@ -250,6 +250,34 @@ def test_a_trained_policy_state_comes_from_its_run(tiny_run):
     assert all(torch.equal(before[k], v) for k, v in arm.policy.state_dict().items())
 
 
+def test_the_inverse_arm_masks_what_the_policy_keeps(tiny_run):
+    """``--against-inverse``: B is A's own trained policy with its logits negated, so at ratio
+    0.5 its mode (the eval-mode top-k) masks exactly the patches A's keeps."""
+    learned_run = tiny_training(tiny_run.parent, "mlo-light")
+    arm_b = ArmSpec("mlo-light", inverse=True)
+    setup = trials.open_trial(
+        settings(learned_run, "mlo-light", arm_b=arm_b, forks=2, steps=1), Console(quiet=True)
+    )
+    policy_a, policy_b = setup.arms["A"].policy, setup.arms["B"].policy
+    assert (policy_a.inverted, policy_b.inverted) == (False, True)
+    assert setup.arms["B"].state_source.endswith(":last")  # the run's trained T, not a fresh one
+    assert all(torch.equal(setup.arms["A"].state[k], v) for k, v in setup.arms["B"].state.items())
+    tokens = torch.randn(6, (IMAGE // PATCH) ** 2, 16)
+    batch = MaskBatch(tokens=tokens, images=torch.zeros(6, 3, IMAGE, IMAGE), mask_ratio=0.5)
+    policy_a.eval(), policy_b.eval()
+    mask_a, mask_b = policy_a(batch).mask, policy_b(batch).mask
+    assert mask_a.sum(1).eq(8).all() and torch.equal(mask_a + mask_b, torch.ones_like(mask_a))
+    assert torch.allclose(policy_b.logits(batch), -policy_a.logits(batch))
+
+
+def test_the_inverse_of_a_policy_without_logits_is_refused(tiny_run, capsys, monkeypatch):
+    code, _, err = run_cli(
+        ["trial", "--from", tiny_run, "--policy", "random", "--inverse"], capsys, monkeypatch
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "--inverse: policy 'random' has no logits to negate" in " ".join(err.split())
+
+
 def test_the_interval_is_student_t_over_the_forks():
     a, b = [0.5, 0.9, 0.4, 0.8], [0.3, 0.4, 0.35, 0.2]
     summary = trials.paired_summary(a, b)

@@ -55,8 +55,13 @@ ENGINE_PARTS: dict[str, str] = {
     "maskkit.product.pretrain": "product at the pretrain level",
     "maskkit.product.finetune": "product at the finetune level",
 }
+#: Labelled work that runs in some iterations only.
+OCCASIONAL_PARTS: dict[str, str] = {
+    "maskkit.head_refit": "head refit (every head_refit_every mask steps)",
+}
 PART_NAMES: dict[str, str] = {
     **ENGINE_PARTS,
+    **OCCASIONAL_PARTS,
     OPTIMIZER: "optimizer steps (all levels)",
     OTHER: "everything else",
 }

@@ -18,27 +18,40 @@ from maskkit.errors import MaskkitError
 from maskkit.plugins import policy_info
 from maskkit.runtime import select_device, use_bf16
 
+from .interleaved import run_interleaved
 from .machine import BUSY_WARNING, busy_fraction, hardware, load_average
 from .matmul_rate import matmul_rate
 from .options import parse_args
+from .peak import device_peak
 from .reference import compare
 from .report import add_derived, markdown, print_report, write_json
 from .runner import run_policy, run_policy_subprocess, stderr
 from .runtime_setup import apply_cpu_tuning, set_threads
-from .workload import level_settings, make_config, steps_per_iteration
+from .workload import is_multilevel, level_settings, make_config, steps_per_iteration
 
 
 def planned_runs(args: argparse.Namespace) -> list[tuple[str, int]]:
     """(policy, variant index) pairs in the order they run: with one variant, the policies as
     given; with several, the fixed policies once (the MAE baseline), then every variant's
-    learnable policies."""
+    learnable policies; with named settings (which may change the pretrain level), every policy
+    in every variant."""
     if len(args.variants) == 1:
         return [(policy, 0) for policy in args.policy_list]
-    learnable = {policy: policy_info(policy).learnable for policy in args.policy_list}
+    if any(variant.changes_pretrain_level for variant in args.variants):
+        return [(policy, index) for policy in args.policy_list for index in range(len(args.variants))]
+    learnable = {policy: is_multilevel(policy) for policy in args.policy_list}
     runs = [(policy, 0) for policy in args.policy_list if not learnable[policy]]
     for index in range(len(args.variants)):
         runs += [(policy, index) for policy in args.policy_list if learnable[policy]]
     return runs
+
+
+def interleaved_groups(args: argparse.Namespace) -> list[tuple[str, list[int]]]:
+    """With ``--interleave``: each policy with the variant indices it runs in, in one process."""
+    groups: dict[str, list[int]] = {}
+    for policy, index in planned_runs(args):
+        groups.setdefault(policy, []).append(index)
+    return list(groups.items())
 
 
 def _joined(values: list[str]) -> str:
@@ -72,8 +85,11 @@ def describe_run(
             "weighting": config.pretrain.weighting,
             "policy_subprocess": args.policy_subprocess,
             "num_images": args.num_images,
+            "dataset": args.dataset,
             "flops": args.flops,
             "breakdown": args.breakdown,
+            "interleave": args.interleave,
+            "learned_mask_costs": args.learned_mask_costs,
         },
     }
 
@@ -86,7 +102,11 @@ def run_worker(args: argparse.Namespace) -> int:
         stderr.print(f"[red]error:[/] {error}")
         return 2
     apply_cpu_tuning(device, args.cpu_tuning)
-    result = run_policy(args, args.worker, args.worker_variant)
+    if args.interleave:
+        indices = dict(interleaved_groups(args)).get(args.worker, [args.worker_variant])
+        result: Any = run_interleaved(args, args.worker, indices)
+    else:
+        result = run_policy(args, args.worker, args.worker_variant)
     if args.worker_output is None:
         print(json.dumps(result, indent=2))
     else:
@@ -126,9 +146,25 @@ def main(argv: list[str] | None = None) -> int:
             f"measuring the dense {str(compute_dtype).removeprefix('torch.')} matmul rate on {device}"
         )
     meta["matmul_peak"] = matmul_rate(device, compute_dtype, args.peak_seconds)
+    peak = device_peak(device, args.peak_tflops)
+    meta["device_peak"] = peak.to_dict() if peak is not None else None
 
-    results = []
-    for policy, index in planned_runs(args):
+    results: list[dict[str, Any]] = []
+    for policy, indices in interleaved_groups(args) if args.interleave else []:
+        labels = ", ".join(args.variants[index].label for index in indices)
+        stderr.print(f"[bold]{policy}[/] (interleaved: {labels})")
+        if args.policy_subprocess:
+            rows = run_policy_subprocess(argv, policy, indices[0])
+            if isinstance(rows, dict):  # the worker failed as a whole
+                rows = [{**rows, "variant": index} for index in indices]
+        else:
+            rows = run_interleaved(args, policy, indices)
+        for row, index in zip(rows, indices, strict=True):
+            row.setdefault("variant_label", args.variants[index].label)
+            if row.get("status") != "ok":
+                stderr.print(f"  [yellow]{policy}: {row['status']}: {row.get('error')}[/]")
+        results += rows
+    for policy, index in [] if args.interleave else planned_runs(args):
         label = args.variants[index].label
         stderr.print(f"[bold]{policy}[/]" + (f" ({label})" if len(args.variants) > 1 else ""))
         if args.policy_subprocess:
@@ -138,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         results[-1].setdefault("variant_label", label)
         if results[-1].get("status") != "ok":
             stderr.print(f"  [yellow]{policy}: {results[-1]['status']}: {results[-1].get('error')}[/]")
-    add_derived(results, meta["matmul_peak"])
+    add_derived(results, meta["matmul_peak"], meta["device_peak"])
     if args.reference:
         meta["reference_comparison"] = compare(results, meta)
 

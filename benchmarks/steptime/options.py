@@ -8,8 +8,7 @@ from pathlib import Path
 
 from maskkit.config import PRESETS
 
-from .variants import expand_variants, split_list
-from .workload import MODEL_OPTIONS
+from .variants import expand_variants, parse_settings, split_list
 from .workloads import WORKLOADS
 
 DEFAULT_POLICIES = "random,mlo,mlo-light,blockwise,hpm"
@@ -35,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY.PATH=VALUE",
-        help="config override, e.g. pretrain.hypergradient.estimator=cg (repeatable)",
+        help="config override, e.g. pretrain.hypergradient.estimator=cg or model.embed_dim=768 (repeatable)",
     )
     parser.add_argument(
         "--policies",
@@ -44,9 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--iterations", type=int, default=5, help="timed MLO iterations per policy")
     parser.add_argument("--warmup", type=int, default=1, help="untimed MLO iterations before timing")
-    for option in MODEL_OPTIONS:
-        flag = "--" + option.replace("_", "-")
-        parser.add_argument(flag, type=int, default=None, help=f"model.{option} (default: the preset's)")
     parser.add_argument(
         "--batch-size", type=int, default=None, help="batch size of all three levels (default: the preset's)"
     )
@@ -70,6 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="update the mask level every K finetune steps (sets pretrain.finetune.unroll_steps; "
         "applied after --unroll), e.g. 1,2,4",
     )
+    compare.add_argument(
+        "--setting",
+        dest="settings",
+        action="append",
+        nargs="+",
+        default=None,
+        metavar="NAME KEY=VALUE",
+        help="a named set of config values, compared with the other named settings (repeatable), "
+        "e.g. --setting eager compile=false --setting compiled compile=true",
+    )
+    compare.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run each policy's settings in one process, one iteration of each in turn (rotating "
+        "the order), so that all see the same machine load; each setting keeps its own random "
+        "stream, and its first iteration (compilation included) is reported apart",
+    )
+    parser.add_argument(
+        "--learned-mask-costs",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time the learned-mask work of a learnable policy per call (its mask decision, "
+        "the head refit, the mask-health diagnostics and the SNR probe) and amortise it over a run "
+        "of the preset's epochs on --num-images images",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak in TFLOP/s for the MFU columns (default: the datasheet's "
+        "bf16 peak of a known GPU; none on the CPU)",
+    )
     parser.add_argument(
         "--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's, auto)"
     )
@@ -86,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="on the CPU, apply maskkit.runtime.tune_cpu_runtime (glibc malloc thresholds, subnormals "
         "flushed) as `maskkit train` does; --no-cpu-tuning shows its effect",
     )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="benchmark on this dataset (a maskkit dataset name, read from --data-dir) instead of "
+        "synthetic images, e.g. for the learned-mask costs on real labels",
+    )
+    parser.add_argument("--data-dir", type=Path, default=None, help="where --dataset is (default: maskkit's)")
     parser.add_argument(
         "--num-images",
         type=int,
@@ -138,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed options, with a workload's defaults filled in and these added:
     ``config_preset`` (the maskkit preset), ``workload`` (the named workload or None),
-    ``policy_list`` and ``variants``."""
+    ``workload_config`` (its config layers), ``policy_list`` and ``variants``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.iterations < 1:
@@ -149,6 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--threads must be at least 1")
     args.workload = WORKLOADS.get(args.preset)
     args.config_preset = args.workload.base_preset if args.workload else args.preset
+    args.workload_config = [args.workload.config] if args.workload else []
     if args.workload is not None:
         for option, value in args.workload.options.items():
             if getattr(args, option) is None:
@@ -157,9 +194,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.policy_list:
         parser.error("--policies names no policy")
     try:
-        args.variants = expand_variants(args.unroll, args.darts_mode, args.mask_every)
+        settings = parse_settings(args.settings)
+        args.variants = expand_variants(args.unroll, args.darts_mode, args.mask_every, settings)
     except ValueError as error:
         parser.error(str(error))
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error("--peak-tflops must be above 0")
+    if args.dataset is not None and args.data_dir is None:
+        from maskkit.data import default_data_dir
+
+        args.data_dir = default_data_dir()
     if not 0 <= args.worker_variant < len(args.variants):
         parser.error("--worker-variant is out of range")
     return args

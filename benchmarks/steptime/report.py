@@ -11,14 +11,25 @@ from rich.console import Console
 from rich.table import Table
 
 from .formatting import format_si
-from .tables import TextTable, breakdown_table, cost_table, goal_table, reference_table, time_table
+from .tables import (
+    TextTable,
+    breakdown_table,
+    cost_table,
+    goal_table,
+    interleaved_table,
+    learned_mask_table,
+    reference_table,
+    time_table,
+)
 from .workload import NUM_CLASSES
 
 
-def add_derived(results: list[dict[str, Any]], peak: dict[str, Any] | None) -> None:
+def add_derived(
+    results: list[dict[str, Any]], peak: dict[str, Any] | None, device_peak: dict[str, Any] | None = None
+) -> None:
     """Fill in per row the ratio to the MAE baseline (``random``) per pretrain step, the same as
-    per iteration when both iterations have as many pretrain steps, and the fraction of the
-    matmul rate."""
+    per iteration when both iterations have as many pretrain steps, the fraction of the matmul
+    rate and the model FLOP utilisation (of ``device_peak``, the dense peak)."""
     baseline = next(
         (row for row in results if row.get("policy") == "random" and row.get("status") == "ok"), None
     )
@@ -30,6 +41,7 @@ def add_derived(results: list[dict[str, Any]], peak: dict[str, Any] | None) -> N
         )
         achieved = row.get("achieved_flops_per_s")
         row["fraction_of_matmul_peak"] = achieved / peak["flops_per_s"] if achieved and peak else None
+        row["mfu"] = achieved / device_peak["flops_per_s"] if achieved and device_peak else None
 
 
 def _machine_line(meta: dict[str, Any]) -> str:
@@ -46,8 +58,16 @@ def _machine_line(meta: dict[str, Any]) -> str:
         if peak
         else ""
     )
+    device_peak = meta.get("device_peak")
+    mfu_text = (
+        f"; MFU: of the dense peak {format_si(device_peak['flops_per_s'], 'FLOP/s')} "
+        f"({device_peak['source']})"
+        if device_peak
+        else "; MFU: no dense peak known for this device (--peak-tflops names one)"
+    )
     return (
-        f"Hardware: {machine}; torch {info['torch']}, Python {info['python']}, {info['compute']}{peak_text}"
+        f"Hardware: {machine}; torch {info['torch']}, Python {info['python']}, {info['compute']}"
+        f"{peak_text}{mfu_text}"
     )
 
 
@@ -69,6 +89,8 @@ def _memory_line(meta: dict[str, Any]) -> str:
         )
     fresh = meta["run"]["policy_subprocess"]
     where = "a fresh Python process per policy" if fresh else "the benchmarking process"
+    if meta["run"].get("interleave"):
+        where += " (interleaved: all of a policy's settings in it, so the figure is theirs together)"
     return (
         "Peak memory: **process** peak RSS (`VmHWM`, reset before each policy) of "
         f"{where}, including torch and the Python runtime; (+x) is the increase over the RSS "
@@ -111,8 +133,10 @@ def describe_setup(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[
         "policy the finetune steps and one mask step with the mask level's hypergradient; a fixed "
         "policy runs the same pretrain steps alone, once, as the MAE baseline; × random compares "
         f"time per pretrain step. Times are medians (min–max) of {run['iterations']} "
-        f"iteration{'s' if run['iterations'] != 1 else ''} after {run['warmup']} warm-up; synthetic "
-        f"data ({NUM_CLASSES} classes)",
+        f"iteration{'s' if run['iterations'] != 1 else ''} after {run['warmup']} warm-up; "
+        + (
+            f"dataset `{run['dataset']}`" if run.get("dataset") else f"synthetic data ({NUM_CLASSES} classes)"
+        ),
         _memory_line(meta),
     ]
     if not info["device"].startswith("cuda"):
@@ -133,11 +157,24 @@ def report_tables(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[T
     """Every table of the report, in order."""
     show_setting = len(meta["variants"]) > 1
     tables = [time_table(results, show_setting), cost_table(results, show_setting)]
-    tables += [table for row in results if (table := breakdown_table(row, show_setting)) is not None]
+    interleaved = interleaved_table(results)
+    if interleaved is not None:
+        tables.append(interleaved)
+    peak = meta.get("device_peak") or _matmul_peak(meta)
+    tables += [table for row in results if (table := breakdown_table(row, show_setting, peak)) is not None]
+    tables += [table for row in results if (table := learned_mask_table(row, show_setting)) is not None]
     comparison = meta.get("reference_comparison")
     if comparison is not None:
         tables += [reference_table(comparison), goal_table(comparison)]
     return tables
+
+
+def _matmul_peak(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The measured matmul rate as a peak for the breakdown's "% of peak" column."""
+    rate = meta.get("matmul_peak")
+    if not rate:
+        return None
+    return {"flops_per_s": rate["flops_per_s"], "source": f"the measured {rate['dtype']} matmul rate"}
 
 
 def rich_table(table: TextTable) -> Table:

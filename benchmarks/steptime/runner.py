@@ -20,21 +20,22 @@ from rich.console import Console
 
 from maskkit.config import RunConfig
 from maskkit.errors import MaskkitError
-from maskkit.plugins import policy_info
 from maskkit.runtime import select_device
 
 from .breakdown import ScopeFlopCounter, attribute_self_times, make_breakdown, time_profiler
 from .formatting import format_bytes
+from .learned_mask_cost import CallCounter, learned_mask_costs
 from .machine import load_average
 from .memory import PeakMemoryProbe, available_memory, state_memory_lower_bound
 from .timing import IterationRecord, run_iteration, synchronize
 from .variants import LEVELS, Variant
 from .workload import (
+    benchmark_dataset,
     built_pretrainer,
     count_parameters,
+    is_multilevel,
     make_config,
     steps_per_iteration,
-    synthetic_dataset,
     synthetic_splits,
 )
 
@@ -63,14 +64,16 @@ def evaluation_text(counts: dict[str, int]) -> str:
 
 def describe_policy(config: RunConfig, policy: str, variant: Variant, variant_index: int) -> dict[str, Any]:
     """The settings part of a result row."""
-    learnable = policy_info(policy).learnable
+    learnable = is_multilevel(policy)
     levels = config.pretrain
     return {
         "policy": policy,
         "status": "ok",
         "learnable": learnable,
         "variant": variant_index,
-        "variant_label": variant.label if learnable else "pretrain level only",
+        "variant_label": (
+            variant.label if learnable or variant.changes_pretrain_level else "pretrain level only"
+        ),
         "steps_per_iteration": steps_per_iteration(config),
         "batch_sizes": {level: getattr(levels, level).batch_size for level in LEVELS},
         "unroll_steps": {level: getattr(levels, level).unroll_steps for level in LEVELS},
@@ -144,7 +147,7 @@ def benchmark_policy(args: argparse.Namespace, policy: str, variant_index: int =
     if reason is not None:
         return {**result, "status": "skipped", "error": reason}
 
-    dataset = synthetic_dataset(config, args.num_images, seed=config.seed)
+    dataset = benchmark_dataset(args, config)
     splits = synthetic_splits(config, dataset)
     gc.collect()
     memory = PeakMemoryProbe(device, fresh_process=args.worker is not None)
@@ -162,10 +165,12 @@ def benchmark_policy(args: argparse.Namespace, policy: str, variant_index: int =
             step += per_iteration
         timed = []
         result["load_average_before"] = load_average()
+        decisions = CallCounter(pretrainer.objectives.policy)
         for index in range(args.iterations):
             timed.append(run_iteration(pretrainer, device, step, per_iteration))
             step += per_iteration
             stderr.print(f"  {policy}: iteration {index + 1}/{args.iterations}: {timed[-1].seconds:.3f} s")
+        decisions.remove()
         if args.flops and flop_counter is None:
             stderr.print(f"  {policy}: counting FLOPs over one more iteration")
             flop_counter = ScopeFlopCounter()
@@ -179,6 +184,9 @@ def benchmark_policy(args: argparse.Namespace, policy: str, variant_index: int =
             seconds, calls = attribute_self_times(profiler.events(), device)
             breakdown = make_breakdown(device, profiled.seconds, seconds, calls, flop_counter)
             result["breakdown"] = breakdown.to_dict()
+        if args.learned_mask_costs:
+            stderr.print(f"  {policy}: timing the learned-mask work")
+            result["learned_mask_costs"] = learned_mask_costs(pretrainer, decisions.calls / args.iterations)
         synchronize(device)
         result["memory"] = memory.read()
 
@@ -207,8 +215,11 @@ def run_policy(args: argparse.Namespace, policy: str, variant_index: int = 0) ->
             torch.cuda.empty_cache()
 
 
-def run_policy_subprocess(argv: list[str], policy: str, variant_index: int = 0) -> dict[str, Any]:
-    """Run one policy in one variant in a fresh interpreter (``--worker``) and read its result."""
+def run_policy_subprocess(
+    argv: list[str], policy: str, variant_index: int = 0
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """Run one policy in one variant (with ``--interleave``: in all of its variants, a list of
+    rows) in a fresh interpreter (``--worker``) and read its result."""
     with tempfile.TemporaryDirectory(prefix="maskkit-step-time-") as folder:
         output = Path(folder) / "result.json"
         command = [sys.executable, str(SCRIPT), *argv]

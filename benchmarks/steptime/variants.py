@@ -1,10 +1,14 @@
-"""The MLO settings one invocation compares: unroll, the ``darts`` product's evaluation, and how
-often the mask level updates.
+"""The settings one invocation compares: unroll, the ``darts`` product's evaluation, how often
+the mask level updates, and named sets of config values (``--setting``).
 
 ``--unroll 1/1/1,2/1/1 --darts-mode exact,finite-difference --mask-every 1,2`` gives every
 combination (8 here), each a :class:`Variant`. Learnable policies run once per variant; a fixed
 policy (``random``) has the pretrain level alone, which none of these settings changes per
 pretrain step, so it runs once and is the MAE baseline of every variant.
+
+``--setting eager compile=false --setting compiled compile=true`` adds an axis of named settings,
+each a set of config values (any key of the run config); every policy runs once per named
+setting (they may change the pretrain level too).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from maskkit.config import deep_merge, parse_override
 
 LEVELS = ("pretrain", "finetune", "mask")
 DARTS_MODES = ("exact", "finite-difference")
@@ -32,12 +38,13 @@ class Variant:
     unroll: str | None = None
     darts_mode: str | None = None
     mask_every: int | None = None
+    setting: NamedSetting | None = None
 
     @property
     def label(self) -> str:
-        """``unroll 1/1/1, finite-difference, mask every 2`` (the settings it sets), or ``as
-        configured``."""
-        parts = []
+        """``compiled, unroll 1/1/1, finite-difference, mask every 2`` (the settings it sets), or
+        ``as configured``."""
+        parts = [self.setting.name] if self.setting is not None else []
         if self.unroll is not None:
             parts.append(f"unroll {self.unroll}")
         if self.darts_mode is not None:
@@ -58,8 +65,54 @@ class Variant:
             levels.setdefault("hypergradient", {})["darts_mode"] = self.darts_mode
         return levels
 
+    def overrides(self) -> dict[str, Any]:
+        """Every override of the run config this variant makes (the named setting's last)."""
+        override: dict[str, Any] = {"pretrain": self.config_override()}
+        if self.setting is not None:
+            override = deep_merge(override, self.setting.override())
+        return override
+
+    @property
+    def changes_pretrain_level(self) -> bool:
+        """Whether a fixed policy (the pretrain level alone) must run once per variant too:
+        only a named setting may change it."""
+        return self.setting is not None
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "label": self.label}
+
+
+@dataclass(frozen=True)
+class NamedSetting:
+    """``--setting NAME KEY=VALUE ...``: config values under a name.
+
+    Attributes:
+        name: the label of the setting in the tables.
+        assignments: ``KEY.PATH=VALUE`` strings, each as ``--set`` takes it.
+    """
+
+    name: str
+    assignments: tuple[str, ...]
+
+    def override(self) -> dict[str, Any]:
+        """The assignments as one nested override of the run config."""
+        return deep_merge({}, *(parse_override(item) for item in self.assignments))
+
+
+def parse_settings(values: list[list[str]] | None) -> list[NamedSetting]:
+    """``--setting`` values (each ``[NAME, KEY=VALUE, ...]``) as :class:`NamedSetting` s; raises
+    ``ValueError`` for a malformed or repeated one."""
+    settings = []
+    for value in values or []:
+        name, *assignments = value
+        if "=" in name:
+            raise ValueError(f"--setting takes a name first, then KEY=VALUE pairs; got '{name}' as the name")
+        if not assignments or any("=" not in item for item in assignments):
+            raise ValueError(f"--setting {name}: give one or more KEY=VALUE after the name")
+        if any(setting.name == name for setting in settings):
+            raise ValueError(f"--setting {name} is given twice")
+        settings.append(NamedSetting(name, tuple(assignments)))
+    return settings
 
 
 def parse_unroll(text: str) -> tuple[int, int, int]:
@@ -75,9 +128,15 @@ def split_list(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
-def expand_variants(unroll: str | None, darts_mode: str | None, mask_every: str | None) -> list[Variant]:
-    """Every combination of the comma-separated values given (one variant of the config's own
-    settings when none is given). Raises ``ValueError`` for a malformed value."""
+def expand_variants(
+    unroll: str | None,
+    darts_mode: str | None,
+    mask_every: str | None,
+    settings: list[NamedSetting] | None = None,
+) -> list[Variant]:
+    """Every combination of the comma-separated values given and the named ``settings`` (one
+    variant of the config's own settings when none is given). Raises ``ValueError`` for a
+    malformed value."""
     unrolls = split_list(unroll)
     for item in unrolls:
         parse_unroll(item)
@@ -90,5 +149,5 @@ def expand_variants(unroll: str | None, darts_mode: str | None, mask_every: str 
         if not item.isdigit() or int(item) < 1:
             raise ValueError(f"--mask-every takes positive integers, got '{item}'")
         everies.append(int(item))
-    axes: list[list[Any]] = [unrolls or [None], modes or [None], everies or [None]]
-    return [Variant(u, d, k) for u, d, k in itertools.product(*axes)]
+    axes: list[list[Any]] = [settings or [None], unrolls or [None], modes or [None], everies or [None]]
+    return [Variant(u, d, k, s) for s, u, d, k in itertools.product(*axes)]

@@ -17,34 +17,31 @@ from maskkit.config import RunConfig, build_config, parse_override
 from maskkit.data import ImageSplit, LabelledDataset, MLOSplits, make_splits
 from maskkit.engine.context import RunContext
 from maskkit.engine.pretrain import Pretrainer
-from maskkit.engine.run import build_models, policy_context
+from maskkit.engine.priors import computed_priors
+from maskkit.engine.run import build_models
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT
 from maskkit.plugins import create_policy, create_provider, policy_info
-from maskkit.priors.attach import computed_priors
+from maskkit.policy import MASK_LEVEL, PRETRAIN_LEVEL, policy_context
 from maskkit.rundir import RunDir
 
 from .variants import LEVELS, Variant
 
 NUM_CLASSES = 7
-MODEL_OPTIONS = (
-    "img_size",
-    "patch_size",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "decoder_embed_dim",
-    "decoder_depth",
-    "decoder_num_heads",
-)
+
+
+def is_multilevel(policy: str) -> bool:
+    """Whether ``policy`` runs all three levels (level 3 trains it:
+    :meth:`maskkit.policy.MaskPolicy.training_levels`); else the pretrain level alone."""
+    return MASK_LEVEL in policy_info(policy).policy_class.training_levels()
 
 
 def make_config(
     args: argparse.Namespace, policy: str, variant: Variant | None = None, total_steps: int | None = None
 ) -> RunConfig:
-    """The preset with the command line's model, batch, device and variant choices applied."""
-    overrides: list[dict] = [parse_override(item) for item in args.overrides]
-    model = {key: getattr(args, key) for key in MODEL_OPTIONS if getattr(args, key) is not None}
-    extra: dict[str, Any] = {"policy": policy, "model": model}
+    """The preset, ``--config``, the workload's config (its model), ``--set``, then the command
+    line's batch, device and variant choices, each over the one before."""
+    overrides: list[dict] = [*args.workload_config, *(parse_override(item) for item in args.overrides)]
+    extra: dict[str, Any] = {"policy": policy}
     if args.device is not None:
         extra["device"] = args.device
     if args.precision is not None:
@@ -57,7 +54,7 @@ def make_config(
     extra["pretrain"] = pretrain
     layers = [*overrides, extra]
     if variant is not None:
-        layers.append({"pretrain": variant.config_override()})
+        layers.append(variant.overrides())
     return build_config(args.config_preset, args.config, layers)
 
 
@@ -74,6 +71,15 @@ def level_settings(config: RunConfig) -> dict[str, Any]:
         "batch_sizes": "/".join(str(level.batch_size) for level in levels),
         "unroll": "/".join(str(level.unroll_steps) for level in levels),
     }
+
+
+def benchmark_dataset(args: argparse.Namespace, config: RunConfig) -> LabelledDataset:
+    """``--dataset NAME`` (from ``--data-dir``) when given, else :func:`synthetic_dataset`."""
+    if args.dataset is None:
+        return synthetic_dataset(config, args.num_images, seed=config.seed)
+    from maskkit.data.registry import load_dataset
+
+    return load_dataset(args.dataset, args.data_dir, image_size=config.model.img_size)
 
 
 def synthetic_dataset(config: RunConfig, num_images: int | None, seed: int = 0) -> LabelledDataset:
@@ -115,7 +121,7 @@ def synthetic_splits(config: RunConfig, dataset: LabelledDataset) -> MLOSplits:
 def count_parameters(config: RunConfig) -> dict[str, int]:
     """Parameters of the MAE, the policy and (for a learnable policy) the head, built on the meta
     device so that no memory is allocated."""
-    learnable = policy_info(config.policy).learnable
+    learnable = is_multilevel(config.policy)
     with torch.device("meta"):
         mae = MaskedAutoencoderViT(config.model)
         policy = create_policy(
@@ -126,7 +132,9 @@ def count_parameters(config: RunConfig) -> dict[str, int]:
         "mae": sum(p.numel() for p in mae.parameters()),
         "policy": sum(p.numel() for p in policy.parameters()),
         # the policy's parameters that the pretrain level trains (hpm's loss predictor)
-        "policy_pretrain": sum(p.numel() for p in policy.pretrain_parameters()),
+        "policy_pretrain": sum(p.numel() for p in policy.pretrain_parameters())
+        if PRETRAIN_LEVEL in policy.training_levels()
+        else 0,
         "head": sum(p.numel() for p in head.parameters()) if learnable else 0,
     }
     policy_trained = counts["policy"] if learnable else counts["policy_pretrain"]
@@ -141,9 +149,9 @@ def built_pretrainer(
     """The models (``build_models``) and the ``Pretrainer`` as ``maskkit train`` makes them (a
     fixed policy gets the pretrain level alone), over a temporary run directory that is removed
     afterwards."""
-    mae, mask_policy, head = build_models(config, NUM_CLASSES, device)
+    mae, mask_policy, head = build_models(config, len(dataset.class_names), device)
     with tempfile.TemporaryDirectory(prefix="maskkit-step-time-") as run_path:
         context = RunContext(
             config, device, dataset, splits, RunDir(Path(run_path)), Console(stderr=True, quiet=True)
         )
-        yield Pretrainer(context, mae, mask_policy, head if mask_policy.learnable else None)
+        yield Pretrainer(context, mae, mask_policy, head if is_multilevel(config.policy) else None)

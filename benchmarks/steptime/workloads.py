@@ -1,8 +1,8 @@
 """Named benchmark workloads beyond maskkit's config presets: the configurations of issue 8.
 
-A workload is a maskkit preset plus defaults for the command line's options; an option given on
-the command line wins (``--preset reference-cpu --batch-size 32`` is the reference configuration
-at batch 32).
+A workload is a maskkit preset, a config layer over it (its model) and defaults for the command
+line's options; what the command line gives wins (``--preset reference-cpu --batch-size 32`` is
+the reference configuration at batch 32, ``--set model.depth=6`` its encoder at depth 6).
 """
 
 from __future__ import annotations
@@ -43,19 +43,21 @@ class Workload:
         name: the ``--preset`` value.
         description: one line for ``--help`` and the report's header.
         base_preset: the maskkit config preset it starts from (optimiser settings, weighting).
+        config: a config layer over the preset and ``--config``, under ``--set``
+            (``{"model": ...}``).
         options: defaults for the command line's options (attribute names of the parsed
-            arguments: ``embed_dim``, ``batch_size``, ``unroll``, ``threads``, ...).
+            arguments: ``batch_size``, ``unroll``, ``threads``, ...).
     """
 
     name: str
     description: str
     base_preset: str
+    config: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _reference(model: dict[str, int]) -> dict[str, Any]:
+def _reference_options() -> dict[str, Any]:
     return {
-        **model,
         "batch_size": 8,
         "unroll": "1/1/1",
         "policies": "random,mlo",
@@ -74,14 +76,16 @@ WORKLOADS: dict[str, Workload] = {
             "128×4, batch 8 at every level, unroll 1/1/1, policies random (the MAE baseline) and mlo "
             "(the reference masking MLP), one thread, fp32 on the CPU",
             "cpu",
-            _reference(REFERENCE_MODEL),
+            {"model": REFERENCE_MODEL},
+            _reference_options(),
         ),
         Workload(
             "reference-cpu-vit-b",
             "reference-cpu with the paper's ViT-B/2 (768×12, decoder 512×8): issue 8's 'ViT-B/2, "
             "batch 8' figure",
             "cpu",
-            _reference(VIT_B2_MODEL),
+            {"model": VIT_B2_MODEL},
+            _reference_options(),
         ),
     )
 }

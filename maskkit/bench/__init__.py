@@ -7,6 +7,9 @@ One concept per module:
 - :mod:`~maskkit.bench.cells`: the grid's cells, their configs, states and ``maskkit train`` commands;
 - :mod:`~maskkit.bench.priors`: the guided cells' priors, built once up front;
 - :mod:`~maskkit.bench.runner`: the pool that runs cells side by side, and stops them cleanly;
+- :mod:`~maskkit.bench.attempt`: one attempt of a cell (``maskkit train`` started or resumed),
+  the same on every executor;
+- :mod:`~maskkit.bench.executors`: where the cells run: this machine, Slurm jobs, Ray actors;
 - :mod:`~maskkit.bench.journal`: the record of invocations and attempts (wall times);
 - :mod:`~maskkit.bench.aggregate`: results read back from the run dirs, and the statistics;
 - :mod:`~maskkit.bench.comparisons`: each policy against the baseline, the premise (``random``

@@ -13,35 +13,33 @@ with ``--resume``, which continues from its last checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import maskkit.bench
-from maskkit.config import RunConfig, build_config, config_differences, config_to_yaml, load_run_config
+from maskkit.config import (
+    ADJUSTABLE_ON_RESUME,
+    RunConfig,
+    build_config,
+    config_differences,
+    config_to_yaml,
+    load_run_config,
+)
 from maskkit.data import dataset_names, default_data_dir
-from maskkit.engine.run import ADJUSTABLE_ON_RESUME, PROTOCOLS_FILE
+from maskkit.engine.priors import check_prior_choice
 from maskkit.errors import ConfigError, MaskkitError, UnknownNameError
 from maskkit.plugins import policy_info
-from maskkit.priors.attach import check_prior_choice
-from maskkit.rundir import RunDir, atomic_write_text
+from maskkit.rundir import RunDir
 
+from .attempt import CellState, CellTask, prepare_run_dir, run_dir_state
 from .layout import SuiteLayout
 from .suite import NONE_POLICY, DatasetEntry, PolicyEntry, Suite
 
 #: What may differ between a cell's saved config and the suite's without making it another
 #: experiment: how it computes or reports, and where its data sits.
 IGNORED_ON_COMPARISON = (*ADJUSTABLE_ON_RESUME, "data.data_dir")
-
-
-class CellState(StrEnum):
-    """``done``: summary.json (and protocols.json) written; ``partial``: a run dir with a config
-    and no summary (killed or failed midway), resumed; ``new``: nothing yet."""
-
-    DONE = "done"
-    PARTIAL = "partial"
-    NEW = "new"
 
 
 @dataclass(frozen=True)
@@ -76,14 +74,7 @@ class Cell:
         return self.layout.log_file(self.slug)
 
     def state(self) -> CellState:
-        run = RunDir(self.run_dir)
-        if run.summary_path.is_file() and (
-            not self.config.protocols or (run.path / PROTOCOLS_FILE).is_file()
-        ):
-            return CellState.DONE
-        if run.config_path.is_file():
-            return CellState.PARTIAL
-        return CellState.NEW
+        return run_dir_state(self.run_dir, self.config.protocols)
 
     def check_saved_config(self) -> None:
         """Refuse a run dir made from another config than the suite now gives the cell (the
@@ -107,19 +98,20 @@ class Cell:
     def prepare_new(self) -> None:
         """Before a new cell starts: write its config file, and clear what a run killed before
         writing its config left in the run dir (``maskkit train --run-dir`` wants it empty)."""
-        run = RunDir(self.run_dir)
-        if run.path.is_dir() and any(run.path.iterdir()) and not run.discard_unstarted():
-            raise ConfigError(
-                f"cell {self.key}: {run.path} holds checkpoints but no config.yaml; move it away"
-            )
-        atomic_write_text(self.config_file, config_to_yaml(self.config))
+        prepare_run_dir(self.key, self.run_dir, self.config_file, config_to_yaml(self.config))
 
-    def command(self, state: CellState) -> list[str]:
-        """The ``maskkit train`` command line that starts (``new``) or resumes (``partial``) it."""
+    def command(
+        self, state: CellState, cli: Sequence[str] | None = None, nproc: int | None = None
+    ) -> list[str]:
+        """The ``maskkit train`` command line that starts (``new``) or resumes (``partial``) it:
+        ``cli`` (default :data:`maskkit.bench.CELL_CLI`) then ``train``; with ``nproc`` > 1,
+        ``--nproc`` (torchrun in that many processes)."""
+        cli = list(maskkit.bench.CELL_CLI if cli is None else cli)
+        processes = ["--nproc", str(nproc)] if nproc is not None and nproc > 1 else []
         if state == CellState.PARTIAL:
-            return [*maskkit.bench.CELL_CLI, "train", "--resume", str(self.run_dir)]
+            return [*cli, "train", "--resume", str(self.run_dir), *processes]
         return [
-            *maskkit.bench.CELL_CLI,
+            *cli,
             "train",
             "--preset",
             self.config.preset,
@@ -127,7 +119,22 @@ class Cell:
             str(self.config_file),
             "--run-dir",
             str(self.run_dir),
+            *processes,
         ]
+
+    def task(self, threads: int, cli: Sequence[str] | None = None, nproc: int | None = None) -> CellTask:
+        """What an attempt of this cell needs wherever it runs (:mod:`~maskkit.bench.attempt`)."""
+        return CellTask(
+            key=self.key,
+            run_dir=self.run_dir,
+            config_file=self.config_file,
+            config_yaml=config_to_yaml(self.config),
+            log_file=self.log_file,
+            protocols=self.config.protocols,
+            new_command=tuple(self.command(CellState.NEW, cli, nproc)),
+            resume_command=tuple(self.command(CellState.PARTIAL, cli, nproc)),
+            threads=threads,
+        )
 
 
 def _data_dir(suite: Suite, entry: DatasetEntry, data_dir: Path | None) -> Path:

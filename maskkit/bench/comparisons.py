@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .aggregate import CellResult, PairedDifference, by_seed, paired_difference
+from maskkit.report.statistics import PairedDifference, paired_difference
+
+from .aggregate import CellResult, by_seed
 from .power import minimum_detectable_effect, pooled_sd
 from .suite import NONE_POLICY, Suite
 
@@ -28,7 +30,7 @@ class Comparison:
         baseline: the baseline policy label.
         seeds: the suite's number of seeds, at which the MDE is stated.
         differences: policy (every one but the baseline, in the suite's order) → metric → its
-            :class:`~maskkit.bench.aggregate.PairedDifference` (None when no seed is shared).
+            :class:`~maskkit.report.statistics.PairedDifference` (None when no seed is shared).
         mde: metric → the minimum detectable effect (80 % power, two-sided 5 %, paired t at
             ``seeds`` seeds; :mod:`maskkit.bench.power`) from the pooled standard deviation of
             every policy's per-seed differences to the baseline; None without two shared seeds.

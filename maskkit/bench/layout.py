@@ -10,6 +10,8 @@ Layout::
       runs/<dataset>/<policy>/seed-<k>/    each cell's run dir, as `maskkit train` makes it
       configs/<dataset>-<policy>-seed<k>.yaml  the config a new cell starts from
       logs/<dataset>-<policy>-seed<k>.log      the cell's output, appended by every attempt
+      jobs/submitted.json              the Slurm jobs in flight (--executor slurm)
+      jobs/<job id>/                   submitit's files of each job: its pickles, stdout, stderr
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class SuiteLayout:
     @property
     def lock(self) -> Path:
         return self.root / ".bench.lock"
+
+    @property
+    def jobs(self) -> Path:
+        """The folder of the jobs of ``--executor slurm`` (submitit's files, the registry)."""
+        return self.root / "jobs"
 
     def run_dir(self, dataset: str, policy: str, seed: int) -> Path:
         return self.root / "runs" / dataset / policy / f"seed-{seed}"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from rich.console import Console
 
+from maskkit.engine.priors import PriorSpec
 from maskkit.engine.run import prepare
-from maskkit.priors.attach import PriorSpec
 
 from .cells import Cell
 

@@ -12,20 +12,20 @@ import io
 import time
 from pathlib import Path
 
+from maskkit.engine.protocols import PROTOCOLS
 from maskkit.report import plot_grouped_bars
 from maskkit.report.forest import plot_forest
+from maskkit.report.statistics import PairedDifference, Spread, spread
 from maskkit.rundir import atomic_write_text
 
 from .aggregate import (
     HEADLINE_METRICS,
     METRICS,
+    PAIRED_METRICS,
     CellResult,
-    PairedDifference,
-    Spread,
     by_seed,
     class_support,
     mean_per_class,
-    spread,
 )
 from .cells import Cell
 from .comparisons import (
@@ -39,18 +39,25 @@ from .comparisons import (
 )
 from .journal import Timings
 from .layout import SuiteLayout
+from .paired_report import paired_protocol_sections
 from .suite import Suite
 
-#: Titles of the headline metrics in tables and the plot.
+#: Short titles of the test metrics, for the headline tables and the plots.
+_SHORT_METRIC_TITLES = {
+    "balanced_accuracy": "bal. acc.",
+    "auc": "AUC",
+    "accuracy": "acc.",
+    "weighted_f1": "weighted F1",
+}
+#: Titles of the headline metrics in tables and the plot: fine-tune's, then each protocol's
+#: (:data:`maskkit.engine.protocols.PROTOCOLS`).
 SHORT_TITLES = {
-    "test_balanced_accuracy": "fine-tune bal. acc.",
-    "test_auc": "fine-tune AUC",
-    "test_accuracy": "fine-tune acc.",
-    "test_weighted_f1": "fine-tune weighted F1",
-    "linear_probe_balanced_accuracy": "linear probe bal. acc.",
-    "linear_probe_auc": "linear probe AUC",
-    "linear_probe_accuracy": "linear probe acc.",
-    "knn_accuracy": "k-NN acc.",
+    **{f"test_{key}": f"fine-tune {title}" for key, title in _SHORT_METRIC_TITLES.items()},
+    **{
+        f"{protocol.name}_{key}": f"{protocol.short_title} {_SHORT_METRIC_TITLES[key]}"
+        for protocol in PROTOCOLS
+        for key in protocol.headline
+    },
 }
 CSV_COLUMNS = (
     "dataset",
@@ -58,9 +65,11 @@ CSV_COLUMNS = (
     "seed",
     "status",
     *METRICS,
+    *PAIRED_METRICS,
     "train_seconds",
     "cell_seconds",
     "exit_code",
+    "reason",
     "run_dir",
     "log",
 )
@@ -117,10 +126,11 @@ def cells_csv(results: list[CellResult]) -> str:
             "train_seconds": result.train_seconds,
             "cell_seconds": None if result.cell_seconds is None else round(result.cell_seconds, 2),
             "exit_code": result.exit_code,
+            "reason": result.reason,
             "run_dir": result.run_dir,
             "log": result.log,
         }
-        row.update({metric: result.metrics.get(metric) for metric in METRICS})
+        row.update({metric: result.metrics.get(metric) for metric in (*METRICS, *PAIRED_METRICS)})
         writer.writerow({key: "" if value is None else value for key, value in row.items()})
     return buffer.getvalue()
 
@@ -218,6 +228,7 @@ def results_markdown(
         lines += ["", f"### {dataset}", ""]
         lines += _table(["policy", "seeds", *METRICS.values()], rows, right_from=1)
     lines += _differences(suite, _comparisons(suite, results))
+    lines += paired_protocol_sections(suite, results)
     for entry in suite.datasets:
         if entry.per_class:
             lines += _per_class(suite, results, entry.label)
@@ -385,9 +396,11 @@ def _unfinished(results: list[CellResult]) -> list[str]:
         return []
     lines = ["", "## Cells not finished", ""]
     for result in unfinished:
+        code = None if result.exit_code is None else f"exit code {result.exit_code}"
+        why = f" ({result.reason})" if result.reason else ""
         detail = {
-            "failed": f"exit code {result.exit_code}, ",
-            "stopped": "interrupted; the same command resumes it from its checkpoint, ",
+            "failed": ", ".join(item for item in (code, result.reason) if item) + ", ",
+            "stopped": f"interrupted{why}; the same command resumes it from its checkpoint, ",
         }.get(result.status, "")
         lines.append(
             f"- {result.dataset}/{result.policy}/seed-{result.seed}: **{result.status}** ({detail}log "

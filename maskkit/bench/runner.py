@@ -1,4 +1,5 @@
-"""Runs cells side by side, each ``maskkit train`` in a process of its own.
+"""The local executor: runs cells side by side, each ``maskkit train`` in a process of its own
+(:func:`~maskkit.bench.attempt.start_attempt`, which every executor's cells run).
 
 Up to ``workers`` cells run at once, each with ``threads`` torch threads (``OMP_NUM_THREADS`` and
 friends), its output appended to its log file. The pool is one loop on the main thread that
@@ -16,7 +17,6 @@ the cells from their checkpoints.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -30,18 +30,12 @@ from typing import IO
 from rich.console import Console
 from rich.markup import escape
 
-from maskkit.engine.progress import progress_display
+import maskkit.bench
+from maskkit.progress import progress_display
 
-from .cells import Cell, CellState
+from .attempt import POLL_S, STOP_GRACE_S, die_with_parent, start_attempt
+from .cells import Cell
 from .journal import Journal
-
-#: Seconds between polls of the running cells.
-POLL_S = 0.5
-#: Seconds a stopped cell gets to exit after SIGINT before it is killed.
-STOP_GRACE_S = 20.0
-#: Thread-count variables of torch's, MKL's and OpenBLAS's pools, set for every cell.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-_PR_SET_PDEATHSIG = 1
 
 
 class BenchStopped(KeyboardInterrupt):
@@ -54,12 +48,40 @@ class BenchStopped(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one attempt of a cell ended: ``exit_code`` 0 is success; negative, killed by a signal."""
+    """How one attempt of a cell ended: ``exit_code`` 0 is success; negative, killed by a signal;
+    None, its job was lost before it could say. The other executors add what their scheduler
+    knows: the ``job`` that ran it, the ``reason`` it was stopped, whether it was
+    ``interrupted`` (stopped from outside, its checkpoints kept) and the ``host``."""
 
     cell: Cell
-    exit_code: int
+    exit_code: int | None
     seconds: float
     resumed: bool
+    reason: str | None = None
+    interrupted: bool = False
+    job: str | None = None
+    host: str | None = None
+
+
+def record_outcome(journal: Journal, outcome: Outcome, executor: str | None = None) -> None:
+    """The journal's ``cell`` record of an attempt; the fields the local pool leaves empty are
+    left out, so that its records stay as they were."""
+    extra = {
+        "executor": executor,
+        "job": outcome.job,
+        "host": outcome.host,
+        "reason": outcome.reason,
+        "interrupted": outcome.interrupted or None,
+    }
+    journal.record(
+        "cell",
+        cell=outcome.cell.key,
+        exit_code=outcome.exit_code,
+        seconds=round(outcome.seconds, 2),
+        resumed=outcome.resumed,
+        log=str(outcome.cell.log_file),
+        **{key: value for key, value in extra.items() if value is not None},
+    )
 
 
 @dataclass
@@ -69,23 +91,6 @@ class _Running:
     log: IO[str]
     started: float
     resumed: bool
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGTERM when the bench dies (Linux); None
-    elsewhere. libc is looked up here, in the parent, so the child only makes the call."""
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the bench died before the call: follow it now
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
 
 
 @contextlib.contextmanager
@@ -103,52 +108,32 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 class CellPool:
-    """Runs cells, ``workers`` at a time, ``threads`` torch threads each."""
+    """Runs cells, ``workers`` at a time, ``threads`` torch threads each (and ``nproc``
+    processes under torchrun, when given), each attempt as :func:`~maskkit.bench.attempt.start_attempt`
+    starts it."""
 
-    def __init__(self, workers: int, threads: int, journal: Journal, console: Console) -> None:
+    def __init__(
+        self, workers: int, threads: int, journal: Journal, console: Console, nproc: int | None = None
+    ) -> None:
         self.workers = workers
         self.threads = threads
+        self.nproc = nproc
         self.journal = journal
         self.console = console
-        self.environment = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
-        self._preexec = _die_with_parent()
+        self._preexec = die_with_parent()
 
     def _start(self, cell: Cell) -> _Running:
-        state = cell.state()
-        if state == CellState.NEW:
-            cell.prepare_new()
-        command = cell.command(state)
-        cell.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = cell.log_file.open("a")
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        log.write(f"\n=== maskkit bench, {stamp}: {' '.join(command)}\n")
-        log.flush()
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.environment,
-            start_new_session=True,
-            preexec_fn=self._preexec,
-        )
-        resumed = state == CellState.PARTIAL
-        verb = "resuming" if resumed else "starting"
+        task = cell.task(self.threads, maskkit.bench.CELL_CLI, self.nproc)
+        started = start_attempt(task, self._preexec)
+        verb = "resuming" if started.resumed else "starting"
         self.console.print(f"{verb} {cell.key} (log {_shown(cell.log_file)})", highlight=False)
-        return _Running(cell, process, log, time.perf_counter(), resumed)
+        return _Running(cell, started.process, started.log, started.started, started.resumed)
 
     def _finish(self, running: _Running, exit_code: int) -> Outcome:
         running.log.close()
         seconds = time.perf_counter() - running.started
         outcome = Outcome(running.cell, exit_code, seconds, running.resumed)
-        self.journal.record(
-            "cell",
-            cell=running.cell.key,
-            exit_code=exit_code,
-            seconds=round(seconds, 2),
-            resumed=running.resumed,
-            log=str(running.cell.log_file),
-        )
+        record_outcome(self.journal, outcome)
         return outcome
 
     def run(self, cells: list[Cell], announce: Callable[[Outcome], None]) -> list[Outcome]:

@@ -18,6 +18,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from maskkit.config import DEFAULT_PRESET, PRESETS, StrictModel, format_validation_error
 from maskkit.errors import ConfigError
 
+from .executors.settings import RaySettings, SlurmSettings
+
 #: The policy label of the no-pretraining baseline: the ViT trained from scratch by stage 2 alone.
 NONE_POLICY = "none"
 #: What ``maskkit policies`` says of it, under its table (it is no policy, so not a row).
@@ -93,6 +95,8 @@ class Suite(StrictModel):
     prior_options: dict[str, Any] = Field(default_factory=dict)
     datasets: list[DatasetEntry] = Field(min_length=1)
     policies: list[PolicyEntry] = Field(min_length=1)
+    slurm: SlurmSettings | None = Field(None, description="how --executor slurm submits the cells")
+    ray: RaySettings | None = Field(None, description="how --executor ray runs the cells")
 
     @field_validator("policies", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from .batches import Augment, Batch, DeviceBatches, crop_flip, cutout, iterate_e
 from .locations import DATA_DIR_ENV, default_data_dir
 from .registry import dataset_names, load_dataset
 from .splits import MaskSource, MLOSplits, make_splits
-from .types import ImageSplit, LabelledDataset
+from .types import ImageSplit, LabelledDataset, limit_dataset
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -28,6 +28,7 @@ __all__ = [
     "dataset_names",
     "default_data_dir",
     "iterate_eval",
+    "limit_dataset",
     "load_dataset",
     "make_splits",
     "normalize",

@@ -21,19 +21,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maskkit.config import Augment
 from maskkit.errors import DataError
 
 from .types import ImageSplit
 
 __all__ = ["Augment", "Batch", "DeviceBatches", "crop_flip", "cutout", "iterate_eval", "normalize"]
-
-Augment = Literal["none", "crop_flip", "randaugment"]
 
 #: Zero padding of the random crop, as ``RandomCrop(32, padding=4)``.
 CROP_PADDING = 4

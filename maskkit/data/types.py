@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["ImageSplit", "LabelledDataset"]
+__all__ = ["ImageSplit", "LabelledDataset", "limit_dataset"]
 
 
 @dataclass
@@ -106,3 +107,14 @@ class LabelledDataset:
     def image_size(self) -> int:
         """Side length ``S`` of the (square) images."""
         return int(self.train.images.shape[-1])
+
+
+def limit_dataset(dataset: LabelledDataset, count: int) -> LabelledDataset:
+    """Keep the first ``count`` images of each split (``data.subset``, for quick runs)."""
+
+    def first(split: ImageSplit | None) -> ImageSplit | None:
+        return None if split is None else split.subset(torch.arange(min(count, len(split))))
+
+    return dataclasses.replace(
+        dataset, train=first(dataset.train), val=first(dataset.val), test=first(dataset.test)
+    )

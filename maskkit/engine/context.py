@@ -20,10 +20,10 @@ from maskkit.config import RunConfig
 from maskkit.data import ImageSplit, LabelledDataset, MLOSplits
 from maskkit.distributed import with_every_rank_rng
 from maskkit.engine.evaluate import evaluate_predictions
-from maskkit.engine.progress import PlainProgress, progress_display
+from maskkit.progress import PlainProgress, progress_display
 from maskkit.report.predictions import Predictions
 from maskkit.rundir import RunDir
-from maskkit.runtime import autocast, use_bf16
+from maskkit.runtime import autocast, use_bf16, use_fused_adamw
 
 
 @dataclass
@@ -40,6 +40,11 @@ class RunContext:
         """A fresh bf16 autocast context on CUDA (fp32 on CPU, unless the config says otherwise)."""
         enabled = use_bf16(self.device, self.config.precision)
         return functools.partial(autocast, self.device, enabled)
+
+    @property
+    def fused_adamw(self) -> bool:
+        """Whether every AdamW of the run uses torch's fused kernel (the config's ``fused_adamw``)."""
+        return use_fused_adamw(self.device, self.config.fused_adamw)
 
     @property
     def mean(self) -> tuple[float, ...]:

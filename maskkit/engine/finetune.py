@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from maskkit.checkpoint import Checkpoint
 from maskkit.data import DeviceBatches
 from maskkit.distributed import average_gradients_, rank, restore_rng_state, sum_of, world_size
+from maskkit.engine.class_weights import class_balanced_weights, weighted_cross_entropy
 from maskkit.engine.context import RunContext
 from maskkit.engine.optim import adamw, cosine_schedule
 from maskkit.errors import TrainingDivergedError
@@ -66,7 +66,9 @@ class Finetuner:
         self.per_epoch, self.total = finetune_steps(context)
         # The decoder takes no part in classification, and gets no optimiser state.
         trainable = torch.nn.ModuleDict({"encoder": self.model.mae.encoder(), "head": self.model.head})
-        self.optimizer = adamw(trainable, config.lr, config.weight_decay, config.betas)
+        self.optimizer = adamw(
+            trainable, config.lr, config.weight_decay, config.betas, self.context.fused_adamw
+        )
         self._parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         warmup = round(config.warmup_epochs * self.per_epoch)
         self.scheduler = cosine_schedule(self.optimizer, self.total, warmup_steps=warmup)
@@ -81,6 +83,11 @@ class Finetuner:
             cutout=config.cutout,
             rank=rank(),
             world_size=world_size(),
+        )
+        # [C] inverse-frequency weights of the training labels, or None: plain cross-entropy.
+        labels, num_classes = context.splits.pretrain.labels, context.dataset.num_classes
+        self.class_weights = (
+            class_balanced_weights(labels, num_classes).to(context.device) if config.class_balanced else None
         )
         self.history: list[dict] = []
         self.running = _Running()
@@ -118,7 +125,8 @@ class Finetuner:
         images, labels, _ = self.batches.next()
         with self.context.autocast():
             logits = self.model(images)
-        loss = F.cross_entropy(full_precision(logits), labels, label_smoothing=config.label_smoothing)
+        logits = full_precision(logits)
+        loss = weighted_cross_entropy(logits, labels, self.class_weights, config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The global batch's gradient and loss: the means over the processes' slices.

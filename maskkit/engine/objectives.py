@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from maskkit.data import Batch
 from maskkit.distributed import mean_of, world_size
+from maskkit.engine.compiled import EAGER_PASSES, StepPasses
 from maskkit.engine.policy_calls import (
     checked_decision,
     checked_pretrain_loss,
@@ -38,7 +39,7 @@ from maskkit.engine.policy_calls import (
 from maskkit.errors import TrainingDivergedError
 from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
-from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy
+from maskkit.policy import MASK_LEVEL, MaskBatch, MaskDecision, MaskPolicy
 from maskkit.priors.alignment import patch_priors
 from maskkit.runtime import full_precision
 from maskkit.weighting import LossWeighting
@@ -113,13 +114,14 @@ def masked_reconstruction(
     mask_ratio: float,
     weighting: LossWeighting,
     priors: PixelPriors | None = None,
+    passes: StepPasses = EAGER_PASSES,
 ) -> Reconstruction:
     """Mask with ``policy`` (which reads ``priors``, per pixel and aligned with ``images``),
-    reconstruct, and weight the per-patch error by ``weighting``."""
+    reconstruct, and weight the per-patch error by ``weighting``. ``passes`` may run the
+    encoder, decoder and error compiled (:mod:`maskkit.engine.compiled`)."""
     tokens, seen, decision = decide(mae, policy, images, mask_ratio, weighting, priors)
-    latent = mae.encode(tokens, decision.ids_keep)  # [B, 1 + K, D]
-    pred = mae.decode(latent, decision.ids_restore)  # [B, L, p·p·C]
-    error = mae.reconstruction_error(images, pred)  # [B, L]
+    # pred [B, L, p·p·C], error [B, L]
+    pred, error = passes.reconstruct(mae, tokens, decision.ids_keep, decision.ids_restore, images)
     weights = None if decision.weights is None else full_precision(decision.weights)
     loss = weighting.loss(error, decision.mask, weights, decision.log_prob)
     return Reconstruction(loss=loss, decision=decision, pred=pred, error=error, batch=seen)
@@ -161,6 +163,9 @@ class MLOObjectives:
     class-balanced. ``last_pretrain`` holds the latest pretrain step's reconstruction (detached),
     ``last_policy_pretrain`` the policy's latest pretrain-level loss (folded into the pretrain
     loss) and ``last_regularizer`` its latest level-3 penalty (folded into the mask loss).
+    ``passes`` run the levels' own steps' reconstruction and features, compiled under the run's
+    ``compile`` option (:mod:`maskkit.engine.compiled`); the hypergradient's evaluations of the
+    pretrain loss always run eager.
     """
 
     mae: MaskedAutoencoderViT
@@ -176,6 +181,7 @@ class MLOObjectives:
     last_regularizer: Tensor | None = None
     _step_features: _StepFeatures | None = field(default=None, repr=False)
     _pair_draw: tuple | None = field(default=None, repr=False)  # (key, CPU and CUDA RNG states)
+    passes: StepPasses = EAGER_PASSES
 
     def _precision(self, purpose: str) -> contextlib.AbstractContextManager:
         """bf16 autocast for the levels' own steps; fp32 for the finite-difference evaluations of
@@ -190,10 +196,16 @@ class MLOObjectives:
         draw = self._hypergradient_draw(batch) if purpose == "hypergradient" else contextlib.nullcontext()
         with self._precision(purpose), draw:
             result = masked_reconstruction(
-                self.mae, self.policy, batch.images, self.mask_ratio, self.weighting, batch.priors
+                self.mae,
+                self.policy,
+                batch.images,
+                self.mask_ratio,
+                self.weighting,
+                batch.priors,
+                self.passes if purpose == "step" else EAGER_PASSES,  # cg differentiates it twice
             )
             loss = result.loss
-            if purpose == "step" and self.policy.learnable:
+            if purpose == "step" and MASK_LEVEL in self.policy.training_levels():
                 self.weighting.check_decision(result.decision.weights, result.decision.log_prob)
             if purpose == "step" and type(self.policy).pretrain_loss is not MaskPolicy.pretrain_loss:
                 term = checked_pretrain_loss(
@@ -262,9 +274,10 @@ class MLOObjectives:
 
     # --- levels 2 and 3 ----------------------------------------------------------------------
     def features(self, images: Tensor) -> Tensor:
-        """CLS features of the unmasked encoder ``[B, D]`` (graph kept into E)."""
+        """CLS features of the unmasked encoder ``[B, D]`` (graph kept into E; every use
+        differentiates it once)."""
         with self.autocast():
-            return self.mae.features(images)
+            return self.passes.features(self.mae, images)
 
     def head_loss(self, features: Tensor, labels: Tensor, head_params: dict | None = None) -> Tensor:
         """Cross-entropy of the head on ``features [B, D]``; ``head_params`` evaluates the

@@ -32,17 +32,25 @@ def parameter_groups(
 
 
 def adamw(
-    parameters: nn.Module | list[dict], lr: float, weight_decay: float, betas: tuple[float, float]
+    parameters: nn.Module | list[dict],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over a module's :func:`parameter_groups`, or over groups built by it."""
+    """AdamW over a module's :func:`parameter_groups`, or over groups built by it; ``fused``
+    (the run's ``fused_adamw``) runs torch's fused kernel instead of its ``foreach`` one: the same
+    update up to float rounding."""
     groups = parameter_groups(parameters, weight_decay) if isinstance(parameters, nn.Module) else parameters
     if not groups:  # a policy with no parameters still gets a (no-op) optimiser
         groups = [{"params": [nn.Parameter(torch.zeros(0))], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
-def adamw_from_config(parameters: nn.Module | list[dict], config: OptimizerConfig) -> torch.optim.AdamW:
-    return adamw(parameters, config.lr, config.weight_decay, config.betas)
+def adamw_from_config(
+    parameters: nn.Module | list[dict], config: OptimizerConfig, fused: bool = False
+) -> torch.optim.AdamW:
+    return adamw(parameters, config.lr, config.weight_decay, config.betas, fused)
 
 
 def cosine_schedule(

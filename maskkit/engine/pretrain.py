@@ -17,11 +17,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd.profiler import record_function
 
 from maskkit.checkpoint import Checkpoint
 from maskkit.data import DeviceBatches, ImageSplit
 from maskkit.distributed import gather_rows, mean_of, rank, restore_rng_state, world_size
 from maskkit.engine.betty_glue import FunctionalLoss, LevelSpec, MultiLevelOptimizer
+from maskkit.engine.class_weights import class_balanced_weights
+from maskkit.engine.compiled import step_passes
 from maskkit.engine.context import RunContext
 from maskkit.engine.diagnostics import global_batch, mask_statistics, split_mask_statistics
 from maskkit.engine.head_refit import refit_head, refit_subset
@@ -36,7 +39,7 @@ from maskkit.engine.policy_calls import (
 )
 from maskkit.errors import PluginError, TrainingDivergedError
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
-from maskkit.policy import MaskPolicy
+from maskkit.policy import MASK_LEVEL, PRETRAIN_LEVEL, MaskPolicy
 from maskkit.runtime import rng_state
 from maskkit.weighting import loss_weighting
 
@@ -52,6 +55,8 @@ def pretrain_steps(context: RunContext) -> int:
 def policy_pretrain_parameters(policy: MaskPolicy) -> list[torch.nn.Parameter]:
     """The policy's parameters that the pretrain level trains (:meth:`MaskPolicy.pretrain_parameters`),
     checked to be its own; the rest of a learnable policy's parameters are level 3's."""
+    if PRETRAIN_LEVEL not in policy.training_levels():
+        return []
     with plugin_code(policy, "pretrain_parameters"):
         chosen = list(policy.pretrain_parameters())
     own = {id(p) for p in policy.parameters()}
@@ -96,12 +101,13 @@ class Pretrainer:
             autocast=self.context.autocast,
             weighting=self.weighting,
             class_weights=self._class_weights() if config.pretrain.class_balanced else None,
+            passes=step_passes(config.compile),
         )
         self.batches = {
             "pretrain": self._batches(self.context.splits.pretrain, config.pretrain.pretrain.batch_size, 1),
         }
         specs = {"pretrain": self._pretrain_spec()}
-        if self.policy.learnable:
+        if MASK_LEVEL in self.policy.training_levels():
             if self.head is None:
                 raise ValueError("a learnable policy needs the level-2 head")
             levels = config.pretrain
@@ -146,9 +152,7 @@ class Pretrainer:
     def _class_weights(self) -> torch.Tensor:
         """Inverse class frequencies of the finetune split, ``[classes]``, mean 1 over samples."""
         labels = self.context.splits.finetune.labels
-        counts = torch.bincount(labels, minlength=self.context.dataset.num_classes).float()
-        weights = len(labels) / (counts.clamp_min(1) * len(counts))
-        return weights.to(self.context.device)
+        return class_balanced_weights(labels, self.context.dataset.num_classes).to(self.context.device)
 
     def _batches(self, split, batch_size: int, stream: int) -> DeviceBatches:
         """Batches of ``split`` with the priors the policy reads, cropped and flipped with
@@ -181,7 +185,7 @@ class Pretrainer:
         policy_part = self.policy_pretrain_parameters
         groups = parameter_groups(self.mae, level.weight_decay)
         groups += parameter_groups(self.policy, level.weight_decay, only=policy_part)
-        optimizer = adamw_from_config(groups, level)
+        optimizer = adamw_from_config(groups, level, self.context.fused_adamw)
         return LevelSpec(
             name="pretrain",
             module=self.mae,
@@ -199,7 +203,7 @@ class Pretrainer:
 
     def _finetune_spec(self) -> LevelSpec:
         level = self.context.config.pretrain.finetune
-        optimizer = adamw_from_config(self.head, level)
+        optimizer = adamw_from_config(self.head, level, self.context.fused_adamw)
         objectives = self.objectives
         return LevelSpec(
             name="finetune",
@@ -219,7 +223,9 @@ class Pretrainer:
         level = self.context.config.pretrain.mask
         pretrain_part = self.policy_pretrain_parameters
         optimizer = adamw_from_config(
-            parameter_groups(self.policy, level.weight_decay, exclude=pretrain_part), level
+            parameter_groups(self.policy, level.weight_decay, exclude=pretrain_part),
+            level,
+            self.context.fused_adamw,
         )
         # T stays frozen while the masks are random (the random warm-up), then its lr warms up.
         steps, learned = self.level_steps("mask"), self.context.config.pretrain.learned_mask
@@ -311,9 +317,10 @@ class Pretrainer:
         assert self.head is not None
         context = self.context
         optimizer = self.mlo.levels["finetune"].optimizer
-        refit_head(
-            self.head, self.mae, self.refit_split, optimizer, context.mean, context.std, context.autocast
-        )
+        with record_function("maskkit.head_refit"):  # a part of its own in benchmarks/steptime
+            refit_head(
+                self.head, self.mae, self.refit_split, optimizer, context.mean, context.std, context.autocast
+            )
         self.last_refit = mask_steps
 
     def _health_record(self, step: int) -> dict:

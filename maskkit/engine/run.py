@@ -7,7 +7,6 @@ and writes the run dir, and the others follow it (``docs/distributed.md``).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -16,8 +15,9 @@ from rich.markup import escape
 
 from maskkit.checkpoint import Checkpoint, load_newest_intact
 from maskkit.config import (
-    LearnedMaskConfig,
+    ADJUSTABLE_ON_RESUME,
     RunConfig,
+    batch_sizes,
     config_differences,
     config_to_yaml,
     deep_merge,
@@ -25,10 +25,10 @@ from maskkit.config import (
     validate_config,
 )
 from maskkit.data import (
-    ImageSplit,
     LabelledDataset,
     MLOSplits,
     default_data_dir,
+    limit_dataset,
     load_dataset,
     make_splits,
 )
@@ -46,34 +46,28 @@ from maskkit.distributed import (
 from maskkit.engine.context import RunContext
 from maskkit.engine.finetune import Finetuner, FinetuneResult
 from maskkit.engine.pretrain import Pretrainer, PretrainResult
-from maskkit.engine.protocols import frozen_encoder_protocols
+from maskkit.engine.priors import PriorSpec, attach_priors, check_prior_choice
+from maskkit.engine.protocols import (
+    frozen_encoder_protocols,
+    paired_protocols,
+    protocols_line,
+    protocols_summary,
+)
 from maskkit.errors import ConfigError, TrainingDivergedError
-from maskkit.launch import note_run_dir
 from maskkit.loggers import open_loggers, require_loggers
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT, ViTClassifier
 from maskkit.plugins import create_policy, policy_info
-from maskkit.policy import MaskPolicy, PolicyContext
-from maskkit.priors.attach import PriorSpec, attach_priors, check_prior_choice
+from maskkit.policy import MASK_LEVEL, PRETRAIN_LEVEL, MaskPolicy, policy_context
 from maskkit.report import plot_confusion_matrix, plot_training_curves, print_metrics
 from maskkit.report.predictions import PREDICTIONS_FILE, write_predictions
-from maskkit.rundir import RunDir, atomic_write_text
+from maskkit.rundir import PROTOCOLS_FILE, SUMMARY_FILE, RunDir, atomic_write_text
 from maskkit.runtime import device_description, seed_everything, select_device, tune_cpu_runtime
+from maskkit.torchrun_env import note_run_dir
 
-
-def policy_context(
-    model: MaskedAutoencoderViT, learned_mask: LearnedMaskConfig | None = None
-) -> PolicyContext:
-    """What a policy built for ``model`` may know; ``learned_mask`` is the run's
-    ``pretrain.learned_mask`` (its defaults when None)."""
-    config = model.config
-    return PolicyContext(
-        num_patches=model.num_patches,
-        embed_dim=config.embed_dim,
-        grid_size=model.grid_size,
-        patch_size=config.patch_size,
-        in_chans=config.in_chans,
-        learned_mask=learned_mask or LearnedMaskConfig(),
-    )
+#: The entry points: all that the CLI, ``maskkit bench`` and the other commands may import from
+#: here (``tests/test_layering.py``). The names a run dir's files have are in
+#: :mod:`maskkit.rundir`, what a config allows in :mod:`maskkit.config`.
+__all__ = ["build_models", "prepare", "resume", "stage2_head", "train"]
 
 
 def build_models(
@@ -87,11 +81,6 @@ def build_models(
     head = ClassifierHead(config.model.embed_dim, num_classes, config.finetune.head_dropout).to(device)
     return mae, policy, head
 
-
-#: The linear probe's and k-NN's results in a run dir (``protocols: true``).
-PROTOCOLS_FILE = "protocols.json"
-#: The test metrics of each protocol that ``summary.json`` repeats.
-PROTOCOL_SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "auc", "weighted_f1", "macro_f1")
 
 # Keeps the stage-2 head's draw apart from the models' (seeded with the seed itself).
 STAGE2_HEAD_SEED_OFFSET = 7919
@@ -123,7 +112,7 @@ def prepare(
         check_prior_choice(config, requires)
     require_loggers(config)  # a missing package (wandb, mlflow, tensorboard) stops here, before a run dir
     device = select_device(config.device) if device is None else device
-    check_batch_sizes(batch_sizes(config, info.learnable))
+    check_batch_sizes(batch_sizes(config, MASK_LEVEL in info.policy_class.training_levels()))
     if device.type == "cpu":
         tune_cpu_runtime()
     data_dir = config.data.data_dir or default_data_dir()
@@ -146,31 +135,9 @@ def prepare(
     return device, dataset, splits
 
 
-def batch_sizes(config: RunConfig, learnable: bool) -> dict[str, int]:
-    """The global batch sizes a run uses, by config key."""
-    sizes = {"pretrain.pretrain.batch_size": config.pretrain.pretrain.batch_size}
-    if learnable:
-        sizes["pretrain.finetune.batch_size"] = config.pretrain.finetune.batch_size
-        sizes["pretrain.mask.batch_size"] = config.pretrain.mask.batch_size
-    if config.finetune.epochs > 0:
-        sizes["finetune.batch_size"] = config.finetune.batch_size
-    return sizes
-
-
 def _process_console(console: Console) -> Console:
     """Rank 0 prints; the other processes of a multi-process run stay quiet."""
     return console if is_main() else Console(quiet=True)
-
-
-def limit_dataset(dataset: LabelledDataset, count: int) -> LabelledDataset:
-    """Keep the first ``count`` images of each split (``data.subset``, for quick runs)."""
-
-    def first(split: ImageSplit | None) -> ImageSplit | None:
-        return None if split is None else split.subset(torch.arange(min(count, len(split))))
-
-    return dataclasses.replace(
-        dataset, train=first(dataset.train), val=first(dataset.val), test=first(dataset.test)
-    )
 
 
 def train(
@@ -225,8 +192,9 @@ def resume(
 ) -> RunDir:
     """Continue an interrupted run from its last checkpoint, with its saved config.
 
-    ``overrides`` may change only what :data:`ADJUSTABLE_ON_RESUME` names (how the run computes
-    or reports); anything else would make the resumed run a different experiment, and is refused.
+    ``overrides`` may change only what :data:`~maskkit.config.ADJUSTABLE_ON_RESUME` names (how
+    the run computes or reports); anything else would make the resumed run a different
+    experiment, and is refused.
     The number of processes may differ from the interrupted run's: the saved data order is that
     of the global batches.
     Under torchrun every process reads the run dir (on a filesystem all nodes share).
@@ -239,7 +207,7 @@ def resume(
     run = RunDir(run.path, writer=is_main())
     note_run_dir(run.path)
     if run.summary_path.exists():
-        console.print(f"{run.path} is already finished (summary.json exists); nothing to resume")
+        console.print(f"{run.path} is already finished ({SUMMARY_FILE} exists); nothing to resume")
         return run
     device, dataset, splits = prepare(config, console, device=device)
     models = build_models(config, dataset.num_classes, device)
@@ -253,18 +221,6 @@ def resume(
     context = RunContext(config, device, dataset, splits, run, console)
     _execute(context, *models, resume=checkpoint)
     return run
-
-
-# What a resumed run may change: how it computes or reports, not what it computes (the priors
-# store's key pins the priors themselves, wherever the store is).
-ADJUSTABLE_ON_RESUME = (
-    "precision",
-    "device",
-    "tensorboard",
-    "loggers",
-    "data.build_priors",
-    "data.priors_dir",
-)
 
 
 def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> RunConfig:
@@ -308,7 +264,8 @@ def _execute(
         if stage == "finetune":
             pretrain_summary = resume.state["carry"]["pretrain"]
         else:
-            pretrainer = Pretrainer(context, mae, policy, head if policy.learnable else None)
+            multilevel = MASK_LEVEL in policy.training_levels()
+            pretrainer = Pretrainer(context, mae, policy, head if multilevel else None)
             if resume is not None:
                 pretrainer.resume_from(resume)
             pretrain_summary = _pretrain_summary(pretrainer.run())
@@ -338,9 +295,10 @@ def _execute(
 def _how_trained(policy: MaskPolicy, config: RunConfig) -> str:
     if config.pretrain.steps == 0:
         return "no pretraining: pretrain.steps=0, the ViT is trained from scratch"
-    if policy.learnable:
+    levels = policy.training_levels()
+    if MASK_LEVEL in levels:
         return "learnable, three-level MLO"
-    if any(True for _ in policy.pretrain_parameters()):
+    if PRETRAIN_LEVEL in levels:
         return "pretrain level only, its own parameters trained with the MAE"
     return "fixed, pretrain level only"
 
@@ -400,19 +358,12 @@ def _finish(
         return
     if config.protocols:  # before the summary: a run with a summary has all its results
         protocols = frozen_encoder_protocols(context)
+        protocols.update(paired_protocols(context))  # the trial, when trial.forks asks for it
         run.write_json(PROTOCOLS_FILE, protocols)
-        summary["protocols"] = {
-            name: {key: protocols[name]["test"].get(key) for key in PROTOCOL_SUMMARY_KEYS}
-            for name in ("linear_probe", "knn")
-        }
-        context.console.print(
-            "frozen pretrained encoder: linear probe test accuracy "
-            f"{protocols['linear_probe']['test']['accuracy']:.4f} (C {protocols['linear_probe']['C']:g}), "
-            f"k-NN {protocols['knn']['test']['accuracy']:.4f} (k {protocols['knn']['k']})",
-            highlight=False,
-        )
+        summary["protocols"] = protocols_summary(protocols)
+        context.console.print(protocols_line(protocols), highlight=False)
     write_predictions(run.path / PREDICTIONS_FILE, test_predictions, test_metrics["class_names"])
-    run.write_json("summary.json", summary)
+    run.write_json(SUMMARY_FILE, summary)
     write_plots(run, test_metrics)
     context.console.print(f"summary: [cyan]{run.summary_path}[/]  plots: [cyan]{run.plots}[/]")
 

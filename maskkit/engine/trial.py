@@ -49,7 +49,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, log_loss
 from sklearn.preprocessing import StandardScaler
 
-from maskkit.bench.aggregate import paired_difference
 from maskkit.checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 from maskkit.config import RunConfig, deep_merge, load_run_config, validate_config
 from maskkit.data import DeviceBatches, ImageSplit
@@ -57,14 +56,16 @@ from maskkit.engine.context import RunContext
 from maskkit.engine.objectives import masked_reconstruction
 from maskkit.engine.optim import adamw, parameter_groups
 from maskkit.engine.policy_calls import checked_set_progress
-from maskkit.engine.progress import progress_display
+from maskkit.engine.priors import check_prior_choice
 from maskkit.engine.protocols import LINEAR_PROBE_C, LINEAR_PROBE_MAX_ITER, Features, encoder_features
-from maskkit.engine.run import policy_context, prepare
+from maskkit.engine.run import prepare
 from maskkit.errors import ConfigError, TrainingDivergedError
+from maskkit.masking import LearnedMasking
 from maskkit.models import MaskedAutoencoderViT
 from maskkit.plugins import create_policy, policy_info
-from maskkit.policy import MaskPolicy
-from maskkit.priors.attach import check_prior_choice
+from maskkit.policy import MaskPolicy, policy_context
+from maskkit.progress import progress_display
+from maskkit.report.statistics import paired_difference
 from maskkit.rundir import RunDir, atomic_write_text
 from maskkit.weighting import loss_weighting
 
@@ -110,6 +111,8 @@ class ArmSpec:
         mask_seed: mixed into the seed of torch's global generator at the start of each arm.
         state_from: the run whose checkpoint holds the policy's trained state (None: the forked
             run when the policy is its policy, else the policy's initialisation).
+        inverse: mask with the policy's inverse, its logits negated (−z; learned policies only,
+            :attr:`maskkit.masking.LearnedMasking.inverted`).
     """
 
     policy: str
@@ -117,6 +120,7 @@ class ArmSpec:
     mask_ratio: float | None = None
     mask_seed: int = 0
     state_from: RunSource | None = None
+    inverse: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,8 +246,9 @@ def _build_arm(
     source: RunSource,
     mae: MaskedAutoencoderViT,
     device: torch.device,
+    arm_name: str,
 ) -> Arm:
-    """The arm's policy with its options and trained state, frozen (no parameter trains).
+    """Arm ``arm_name``'s (A or B) policy with its options and trained state, frozen (no parameter trains).
     ``config`` is the arm's (the run's with the arm's policy and ratio), ``run_config`` the run's."""
     state_run = spec.state_from or source
     state_config = (
@@ -268,6 +273,15 @@ def _build_arm(
                     f"the policy state of {state_source} does not fit policy '{spec.policy}' with options "
                     f"{options} on this run's model ({detail}); give a run of the same model and policy"
                 ) from None
+    if spec.inverse:
+        if not isinstance(policy, LearnedMasking):
+            flag = "--inverse" if arm_name == "A" else "--against-inverse"
+            raise ConfigError(
+                f"{flag}: policy '{spec.policy}' has no logits to negate; the inverse (−z) exists for "
+                "the learned policies built on maskkit.masking.LearnedMasking (mlo, mlo-light, "
+                "semantic-soft, constraint)"
+            )
+        policy.inverted = True
     for parameter in policy.parameters():
         parameter.requires_grad_(False)
     ratio = config.mask_ratio if spec.mask_ratio is None else spec.mask_ratio
@@ -322,7 +336,7 @@ def open_trial(settings: TrialSettings, console: Console) -> TrialSetup:
     mae = MaskedAutoencoderViT(config.model).to(device)
     mae.load_state_dict(checkpoint.weights["mae"])
     arms = {
-        name: _build_arm(spec, arm_configs[name], config, settings.source, mae, device)
+        name: _build_arm(spec, arm_configs[name], config, settings.source, mae, device, name)
         for name, spec in (("A", settings.arm_a), ("B", settings.arm_b))
     }
     total = _run_pretrain_steps(config, len(splits.pretrain))
@@ -493,6 +507,7 @@ def _arm_settings(arm: Arm) -> dict[str, Any]:
         "options": arm.options,
         "mask_ratio": arm.mask_ratio,
         "mask_seed": arm.spec.mask_seed,
+        "inverse": arm.spec.inverse,
         "policy_state": arm.state_source,
     }
 

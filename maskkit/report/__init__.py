@@ -2,7 +2,6 @@
 
 from maskkit.report.metrics import auc_score, classification_metrics, metrics_table, print_metrics
 from maskkit.report.plots import (
-    plot_bar_comparison,
     plot_confusion_matrix,
     plot_grouped_bars,
     plot_mask_grid,
@@ -13,7 +12,6 @@ __all__ = [
     "auc_score",
     "classification_metrics",
     "metrics_table",
-    "plot_bar_comparison",
     "plot_confusion_matrix",
     "plot_grouped_bars",
     "plot_mask_grid",

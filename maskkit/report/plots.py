@@ -18,7 +18,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 __all__ = [
-    "plot_bar_comparison",
     "plot_confusion_matrix",
     "plot_grouped_bars",
     "plot_mask_grid",
@@ -436,71 +435,6 @@ def plot_mask_grid(
         fig.colorbar(overlay, ax=axes[:, j].tolist(), label=col_titles[j], shrink=0.9)
     if title:  # wrapped to the figure's width (about 12 characters an inch at 9 pt)
         fig.suptitle(textwrap.fill(title, width=max(24, int(fig.get_figwidth() * 12))), fontsize=9)
-    return _save(fig, path, dpi)
-
-
-# --------------------------------------------------------------------------- bar comparison
-
-
-def plot_bar_comparison(
-    values: dict[str, float],
-    path: Path,
-    ylabel: str,
-    title: str,
-    *,
-    dpi: int = DEFAULT_DPI,
-) -> Path:
-    """Bar chart of one number per name (e.g. accuracy per masking policy), values on the bars.
-
-    Args:
-        values: name -> value, drawn in the dict's order. Non-finite values are drawn as an
-            empty bar labelled "n/a".
-        path: where to write the PNG.
-        ylabel: y-axis label.
-        title: figure title.
-        dpi: resolution of the PNG.
-
-    Returns:
-        ``path``.
-    """
-    if not values:
-        return _save(_message_figure("no values", title), path, dpi)
-    names = [str(k) for k in values]
-    nums = [float(v) if _is_number(v) else float("nan") for v in values.values()]
-    finite = [v for v in nums if math.isfinite(v)]
-    heights = [v if math.isfinite(v) else 0.0 for v in nums]
-
-    labels = [_short(n, 24) for n in names]
-    rotate = len(names) > 4 or max(len(s) for s in labels) > 10
-    fig = Figure(figsize=(max(4.0, 0.7 * len(names) + 1.5), 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    colors = [f"C{i % 10}" for i in range(len(names))]
-    bars = ax.bar(range(len(names)), heights, color=colors)
-    span = (max(finite) - min(0.0, *finite)) if finite else 1.0
-    for bar, value in zip(bars, nums, strict=True):
-        text = f"{value:.4g}" if math.isfinite(value) else "n/a"
-        y = bar.get_height()
-        ax.text(
-            bar.get_x() + bar.get_width() / 2,
-            y + (0.01 * span if y >= 0 else -0.01 * span),
-            text,
-            ha="center",
-            va="bottom" if y >= 0 else "top",
-            fontsize=8,
-        )
-    ax.set_xticks(
-        range(len(names)),
-        labels,
-        rotation=35 if rotate else 0,
-        ha="right" if rotate else "center",
-        rotation_mode="anchor",
-    )
-    if finite and max(finite) > 0:
-        ax.set_ylim(top=max(finite) + 0.1 * (span or 1.0))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
     return _save(fig, path, dpi)
 
 

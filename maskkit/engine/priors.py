@@ -6,6 +6,9 @@ and slice keeps them aligned with their images. A split whose maps are not built
 with one line giving the exact ``maskkit priors build`` command, unless the user asked for the
 build (``--build-priors``, ``data.build_priors``); ``maskkit priors build`` is this same path with
 the build asked for.
+
+It finds providers by name through the plugin manager, so it sits above :mod:`maskkit.plugins`,
+while the provider contract and the store (:mod:`maskkit.priors`) sit below it.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from rich.console import Console
 
 from maskkit.config import RunConfig
 from maskkit.data import ImageSplit, LabelledDataset
-from maskkit.engine.progress import progress_display
 from maskkit.errors import ConfigError, DamagedFileError, MaskkitError
 from maskkit.plugins import create_provider, provider_info, provider_options
 from maskkit.priors.compute import compute_priors
 from maskkit.priors.provider import PriorProvider
 from maskkit.priors.store import PriorKey, PriorStore, default_store_dir, images_fingerprint
+from maskkit.progress import progress_display
 
 
 class PriorsNotBuiltError(MaskkitError):
