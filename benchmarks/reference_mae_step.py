@@ -32,13 +32,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from steptime import workload
-from steptime.machine import cpu_model
 from steptime.workloads import REFERENCE_MODEL
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from maskkit.config import build_config
+from maskkit.cost import workload
+from maskkit.cost.machine import cpu_model
 from maskkit.runtime import tune_cpu_runtime
 
 MASK_RATIO = 0.75
@@ -100,7 +100,7 @@ def maskkit_steps(
                 "model": REFERENCE_MODEL,
                 "device": "cpu",
                 "precision": "fp32",
-                "pretrain": {"steps": 10_000, "pretrain": levels, "finetune": levels, "mask": levels},
+                "pretrain": {"steps": 10_000, "mae": levels, "head": levels, "mask": levels},
             }
         ],
     )

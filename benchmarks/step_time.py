@@ -1,6 +1,6 @@
 """Time one MLO iteration of stage 1 per masking policy, on synthetic data.
 
-One *MLO iteration* is ``pretrain.unroll_steps × finetune.unroll_steps`` calls of
+One *MLO iteration* is ``pretrain.mae.unroll_steps × pretrain.head.unroll_steps`` calls of
 ``Pretrainer.mlo.step`` (2 with the presets' 2/1/1 unroll). For a learnable policy (``mlo``,
 ``mlo-light``) it includes the finetune and mask steps and the mask level's hypergradient; for a
 fixed one (``random``) it is the same number of plain MAE pretrain steps, so the ratio column is
@@ -19,8 +19,9 @@ reference configuration, printed beside the reference implementation's quoted fi
     python benchmarks/step_time.py --preset reference-cpu --unroll 1/1/1,2/1/1 --markdown
 
 Nothing is read from or written to the repository: the data are random uint8 images and the
-run directory is a temporary one. The code lives in ``benchmarks/steptime/``; see
-``benchmarks/README.md`` for the options and the columns.
+run directory is a temporary one. The code lives in ``benchmarks/steptime/``, on top of
+``maskkit.cost`` (what ``maskkit cost`` measures with); see ``benchmarks/README.md`` for the
+options and the columns.
 """
 
 from __future__ import annotations

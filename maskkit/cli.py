@@ -1,4 +1,4 @@
-"""The ``maskkit`` command line: policies, priors, train, evaluate, visualize, bench, config."""
+"""The ``maskkit`` command line: policies, priors, train, evaluate, visualize, bench, cost, config."""
 
 from __future__ import annotations
 
@@ -435,8 +435,11 @@ def trial(
     ] = False,
     seed: Annotated[int, typer.Option(help="Seeds the forks' batches and the probe's images.")] = 0,
     lr: Annotated[
-        float | None, typer.Option(help="Constant pretrain lr (default: the run's base lr).")
+        float | None, typer.Option(help="The arms' pretrain lr (default: the run's base lr).")
     ] = None,
+    lr_schedule: Annotated[
+        str, typer.Option(help="The arms' lr over their steps: constant, or decay (linearly to 0).")
+    ] = "constant",
     prior: Annotated[str | None, typer.Option(help="Prior provider of a policy that reads priors.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N] (default: the run's).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")] = None,
@@ -456,7 +459,7 @@ def trial(
             trials.RunSource.parse(against_from) if against_from else None, against_inverse,
         ),
         forks=forks, steps=steps, probe_images=probe_images, probe_c=probe_c, seed=seed, lr=lr,
-        prior=prior, device=device,
+        lr_schedule=lr_schedule, prior=prior, device=device,
     )  # fmt: skip
     result = trials.run_trial(settings, console)
     trials.print_trial(result, _table_console())
@@ -549,6 +552,74 @@ def bench(
         suite_file, out, workers, threads, data_dir, tuple(only or ()), dry_run, report_only, executor_options
     )
     code = run_bench(options, console)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def cost(
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--policy",
+            help="A policy to measure beside random, the baseline (repeatable or comma-separated; "
+            "default: mlo).",
+        ),
+    ] = None,
+    preset: Annotated[str, typer.Option(help=f"One of {', '.join(PRESETS)}.")] = DEFAULT_PRESET,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML config merged over the preset.")
+    ] = None,
+    assignments: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any config key: --set model.depth=6")
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="Measure on this dataset, read as `maskkit train` reads it (default: synthetic images)."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Data folder of --dataset (default: $MASKKIT_DATA_DIR, else a user cache folder)."),
+    ] = None,
+    download: Annotated[
+        bool | None, typer.Option("--download/--no-download", help="With --dataset: download it if missing.")
+    ] = None,
+    prior: Annotated[
+        str | None, typer.Option(help="With --dataset: prior provider of the policies that read priors.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N].")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (default: the config's).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's).")] = None,
+    iterations: Annotated[
+        int, typer.Option(help="Timed MLO iterations per policy (their median counts).")
+    ] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed MLO iterations before them.")] = 1,
+    flops: Annotated[bool, typer.Option(help="Count the FLOPs of one iteration.")] = True,
+    breakdown: Annotated[
+        bool, typer.Option(help="Profile one more iteration: its time and FLOPs by level and part.")
+    ] = True,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every number as JSON here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the report as Markdown here.")] = None,
+) -> None:
+    """What a policy costs per pretrain step against random, and where an MLO iteration's time
+    and FLOPs go, level by level (docs/benchmarks.md).
+
+    Times N MLO iterations of each policy after W warm-ups, on the config `maskkit train` would
+    build, in this process: random first, then the policies named. Exit status 1 when a policy
+    ran out of memory.
+    """
+    import shlex
+
+    from maskkit.cost.command import CostOptions, run_cost
+
+    options = CostOptions(
+        tuple(policy or ()), preset, config_file, tuple(assignments or ()), dataset, data_dir, download,
+        prior, device, precision, threads, iterations, warmup, flops, breakdown, json_path, markdown,
+        command="maskkit " + shlex.join(sys.argv[1:]),
+    )  # fmt: skip
+    code = run_cost(options, console, _table_console())
     if code:
         raise typer.Exit(code)
 

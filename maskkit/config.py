@@ -7,6 +7,7 @@ saved beside the run as ``config.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from importlib import resources
 from pathlib import Path
@@ -133,8 +134,10 @@ class LearnedMaskConfig(StrictModel):
     - ``lr_warmup``: share of the mask level's steps (after the random warm-up) over which its lr
       rises linearly from 0.
     - ``head_refit_every``: every this many mask steps, the level-2 head's last layer is refitted
-      by a converged class-balanced logistic regression on ``head_refit_images`` cached features
-      of the finetune split (its best response); None never refits.
+      by a converged class-balanced logistic regression (its best response) on E's features of
+      a fixed subset of ``head_refit_images`` images of the finetune split; None never refits.
+      The features are kept between refits, and each refit recomputes a rotating share
+      ``head_refit_refresh`` of them (:class:`maskkit.engine.head_refit.RefitFeatures`).
     """
 
     logit_bound: float = Field(3.0, ge=0)
@@ -145,6 +148,7 @@ class LearnedMaskConfig(StrictModel):
     lr_warmup: float = Field(0.1, ge=0, lt=1)
     head_refit_every: int | None = Field(5, gt=0)
     head_refit_images: int = Field(2048, gt=0)
+    head_refit_refresh: float = Field(1.0, gt=0, le=1)
 
     @field_validator("temperature")
     @classmethod
@@ -152,6 +156,41 @@ class LearnedMaskConfig(StrictModel):
         if min(value) <= 0:
             raise ValueError(f"temperatures must be above 0, got {list(value)}")
         return value
+
+
+#: The key under ``pretrain`` of each MLO level's settings, by the level's name in the loop (the
+#: names of betty's problems, of the checkpoints' optimiser states and of ``level_steps``):
+#: level 1 the MAE (E + decoder), level 2 the classification head C, level 3 the mask policy T.
+LEVEL_KEYS = {"pretrain": "mae", "finetune": "head", "mask": "mask"}
+
+#: Level keys of ``pretrain`` renamed in 2026-12 (old name → new name): ``pretrain.pretrain`` and
+#: ``pretrain.finetune`` read like the stages ``pretrain`` and ``finetune`` they sit in or beside.
+RENAMED_LEVEL_KEYS = {"pretrain": "mae", "finetune": "head"}
+
+#: The one warning of a config with the old level keys (:data:`RENAMED_LEVEL_KEYS`).
+RENAMED_LEVELS_WARNING = (
+    "config: pretrain.pretrain and pretrain.finetune are now called pretrain.mae and pretrain.head; "
+    "read under the new names, update the config"
+)
+
+
+def current_level_keys(section: Any) -> tuple[Any, bool]:
+    """``section`` (a raw ``pretrain`` mapping) with its old level keys under their new names
+    (:data:`RENAMED_LEVEL_KEYS`), and whether it had any. A level given under both names is a
+    ``ValueError`` (pydantic reports it as ``pretrain: ...``)."""
+    if not isinstance(section, dict):
+        return section, False
+    renamed = {old: new for old, new in RENAMED_LEVEL_KEYS.items() if old in section}
+    both = [
+        f"pretrain.{old} and pretrain.{new} are one level under its old and new name; keep pretrain.{new}"
+        for old, new in renamed.items()
+        if new in section
+    ]
+    if both:
+        raise ValueError("; ".join(both))
+    if not renamed:
+        return section, False
+    return {renamed.get(key, key): value for key, value in section.items()}, True
 
 
 #: Keys of ``pretrain.mask`` that moved to ``pretrain.hypergradient`` (old name → new name).
@@ -166,8 +205,10 @@ _MOVED_ESTIMATOR_KEYS = {
 class PretrainConfig(StrictModel):
     """Stage 1: MAE pretraining, three-level MLO when the policy is learnable.
 
-    ``epochs`` counts passes of the pretrain level over all training images; ``steps`` (pretrain
-    level steps) overrides it when set, and ``steps: 0`` skips stage 1 altogether: stage 2 then
+    ``mae``, ``head`` and ``mask`` are the settings of the MLO levels: level 1, the MAE level (E +
+    decoder); level 2, the head level (the classification head C); level 3, the mask level (the
+    policy T). ``epochs`` counts passes of level 1 over all training images; ``steps`` (level-1
+    steps) overrides it when set, and ``steps: 0`` skips stage 1 altogether: stage 2 then
     trains the freshly initialised ViT from scratch (the no-pretraining baseline; the policy takes
     no part). ``weighting`` says how a policy's weights enter the
     pretrain loss (``maskkit/weighting.py``; ``reference`` is the paper's code).
@@ -184,9 +225,12 @@ class PretrainConfig(StrictModel):
     augment: Augment = "crop_flip"
     eval_every: int | None = Field(None, gt=0, description="pretrain steps between evaluations")
     checkpoint_every: int | None = Field(None, gt=0, description="pretrain steps between checkpoints")
-    pretrain: LevelConfig = LevelConfig(lr=1e-3, unroll_steps=2)
-    finetune: LevelConfig = LevelConfig(lr=1e-3)
-    mask: LevelConfig = LevelConfig(lr=1e-3)
+    mae: LevelConfig = Field(
+        LevelConfig(lr=1e-3, unroll_steps=2),
+        description="level 1: the MAE (E + decoder), masked reconstruction",
+    )
+    head: LevelConfig = Field(LevelConfig(lr=1e-3), description="level 2: the classification head C")
+    mask: LevelConfig = Field(LevelConfig(lr=1e-3), description="level 3: the mask policy T")
     hypergradient: HypergradientConfig = HypergradientConfig()
     learned_mask: LearnedMaskConfig = LearnedMaskConfig()
 
@@ -200,6 +244,29 @@ class PretrainConfig(StrictModel):
             )
             return RENAMED_WEIGHTINGS[name]
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_levels(cls, raw: Any) -> Any:
+        """Old configs keep loading: ``pretrain.pretrain`` is read as ``pretrain.mae`` and
+        ``pretrain.finetune`` as ``pretrain.head``, with a one-line warning; both names of a level
+        at once are refused."""
+        raw, renamed = current_level_keys(raw)
+        if renamed:
+            warn_once(RENAMED_LEVELS_WARNING)
+        return raw
+
+    @classmethod
+    def with_current_keys(cls, raw: Any) -> Any:
+        """A raw ``pretrain`` mapping with every old key under its new name, each kind warned
+        about once: what validation does first, here for one config layer at a time
+        (:func:`merge_config_layers`)."""
+        return cls._moved_keys(cls._renamed_levels(raw))
+
+    def level(self, name: str) -> LevelConfig:
+        """The settings of the MLO level ``name`` (``pretrain``, ``finetune`` or ``mask``, the
+        level's name in the loop; :data:`LEVEL_KEYS`)."""
+        return getattr(self, LEVEL_KEYS[name])
 
     @model_validator(mode="before")
     @classmethod
@@ -261,7 +328,10 @@ class TrialProtocolConfig(StrictModel):
     forks: int = Field(0, ge=0, description="fork pairs (0: off; else at least 2, for an interval)")
     steps: int = Field(20, gt=0, description="pretrain steps per arm and fork")
     probe_images: int = Field(2000, gt=1, description="training images of the probe")
-    lr: float | None = Field(None, ge=0, description="the arms' constant lr; default: the run's pretrain lr")
+    lr: float | None = Field(None, ge=0, description="the arms' lr; default: the run's pretrain lr")
+    lr_schedule: Literal["constant", "decay"] = Field(
+        "constant", description="the arms' lr over their steps: constant, or decay linearly to 0"
+    )
 
     @model_validator(mode="after")
     def _an_interval(self) -> TrialProtocolConfig:
@@ -356,6 +426,21 @@ def deep_merge(base: dict, *overrides: dict) -> dict:
     return merged
 
 
+def merge_config_layers(base: dict, *layers: dict) -> dict:
+    """``base`` with each config layer (a YAML file, a ``--set``, a suite's config) merged in turn,
+    each layer's old ``pretrain`` keys read under their new names first: an old key then
+    overrides the same setting of the layers below (a preset's, under its new name) rather than
+    meeting it as a second name of it. A layer that gives a level under both names is left as it
+    is, for validation to refuse."""
+    current = []
+    for layer in layers:
+        if isinstance(layer.get("pretrain"), dict):
+            with contextlib.suppress(ValueError):
+                layer = {**layer, "pretrain": PretrainConfig.with_current_keys(layer["pretrain"])}
+        current.append(layer)
+    return deep_merge(base, *current)
+
+
 def preset_dict(name: str) -> dict:
     """The raw YAML of a built-in preset."""
     if name not in PRESETS:
@@ -427,10 +512,8 @@ def build_config(
     overrides: list[dict] | None = None,
 ) -> RunConfig:
     """Merge preset ← file ← overrides and validate."""
-    raw = preset_dict(preset)
-    if config_file is not None:
-        raw = deep_merge(raw, read_yaml(config_file))
-    raw = deep_merge(raw, *(overrides or []))
+    layers = [read_yaml(config_file)] if config_file is not None else []
+    raw = merge_config_layers(preset_dict(preset), *layers, *(overrides or []))
     raw["preset"] = raw.get("preset", preset)
     return validate_config(raw)
 
@@ -473,9 +556,9 @@ def batch_sizes(config: RunConfig, multilevel: bool) -> dict[str, int]:
     """The global batch sizes a run uses, by config key; ``multilevel``: the policy is trained at
     the mask level, so the run has all three levels of stage 1
     (:meth:`maskkit.policy.MaskPolicy.training_levels`)."""
-    sizes = {"pretrain.pretrain.batch_size": config.pretrain.pretrain.batch_size}
+    sizes = {"pretrain.mae.batch_size": config.pretrain.mae.batch_size}
     if multilevel:
-        sizes["pretrain.finetune.batch_size"] = config.pretrain.finetune.batch_size
+        sizes["pretrain.head.batch_size"] = config.pretrain.head.batch_size
         sizes["pretrain.mask.batch_size"] = config.pretrain.mask.batch_size
     if config.finetune.epochs > 0:
         sizes["finetune.batch_size"] = config.finetune.batch_size

@@ -1,7 +1,7 @@
 """Which key a mistyped config key meant: the nearest valid key at its level of a pydantic model.
 
 ``--set pretrain.epoch=2`` → ``pretrain.epochs``; a key that belongs one level further down,
-``--set pretrain.lr=1``, → ``pretrain.pretrain.lr``, ``pretrain.finetune.lr``,
+``--set pretrain.lr=1``, → ``pretrain.mae.lr``, ``pretrain.head.lr``,
 ``pretrain.mask.lr``. The spelling match is :func:`maskkit.errors.closest_name`'s.
 """
 

@@ -7,8 +7,8 @@ A plugin is a module (or object) with functions marked ``@hookimpl`` and an entr
     my-policy = "my_package.my_module"
 
 Two kinds of things can be provided: masking policies (:func:`maskkit_policies`) and prior
-providers (:func:`maskkit_prior_providers`). The built-in ones in ``plugins/`` are registered
-through exactly this path.
+providers (:func:`maskkit_prior_providers`). The built-in ones in ``maskkit_plugins`` are
+registered through exactly this path.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one plugin manager: loads every entry point of the ``maskkit`` group.
 
-Built-in policies and prior providers (``plugins/`` in the source tree, package
-``maskkit_plugins``) and third-party ones are found the same way. A plugin that fails to import
+Built-in policies and prior providers (the package ``maskkit_plugins``, its own folder in the
+source tree) and third-party ones are found the same way. A plugin that fails to import
 or register is recorded as a :class:`PluginFailure` and reported in one line; the rest still load.
 
 Names are unique. When two distributions use the same entry-point name, or the same policy or

@@ -32,7 +32,7 @@ GLOBAL_BATCH = 8  # every level; 4 rows per process with 2 processes
 CASES: dict[str, dict] = {
     "mlo-light, darts exact, 2/1/1, class-balanced": {
         "policy": "mlo-light",
-        "pretrain": {"pretrain": {"unroll_steps": 2}, "augment": "crop_flip", "class_balanced": True},
+        "pretrain": {"mae": {"unroll_steps": 2}, "augment": "crop_flip", "class_balanced": True},
     },
     "mlo, cg": {
         "policy": "mlo",
@@ -76,8 +76,8 @@ def _config(overrides: dict):
     # noise is): number for number, the runs compare only under the deterministic top-k.
     base = {
         "pretrain": {
-            "pretrain": levels,
-            "finetune": levels,
+            "mae": levels,
+            "head": levels,
             "mask": levels,
             "learned_mask": {"selection": "top-k"},
         }

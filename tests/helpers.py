@@ -64,8 +64,8 @@ def tiny_config(policy: str = "mlo-light", **overrides) -> RunConfig:
         "pretrain": {
             "steps": 4,
             "augment": "none",
-            "pretrain": levels,
-            "finetune": levels,
+            "mae": levels,
+            "head": levels,
             "mask": levels,
             # Bounded logits and sampled masks, as by default; no warm-ups or head refits, which
             # would take all of a 4-step run (tests of those set them).

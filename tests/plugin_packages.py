@@ -26,9 +26,9 @@ PATCH_SCORER_SOURCE = REPO / "examples" / "maskkit-patch-scorer"
 
 
 def built_in_policies() -> set[str]:
-    """The names of the policies maskkit's own plugin modules (``plugins/``, ``maskkit_plugins``)
-    provide, read from the modules' hooks themselves rather than through the entry points, so
-    that a module whose entry point is missing from ``pyproject.toml`` shows up as missing."""
+    """The names of the policies maskkit's own plugin modules (``maskkit_plugins``) provide, read
+    from the modules' hooks themselves rather than through the entry points, so that a module
+    whose entry point is missing from ``pyproject.toml`` shows up as missing."""
     import maskkit_plugins
 
     names: set[str] = set()

@@ -1,5 +1,6 @@
-"""``benchmarks/step_time.py``: its parts (the breakdown, the compared settings, issue 8's
-reference figures) on smoke-sized models, and the script end to end at the smoke preset."""
+"""``benchmarks/step_time.py``: its parts and the ``maskkit.cost`` ones it is built on (the breakdown,
+the compared settings, issue 8's reference figures) on smoke-sized models, and the script end to end
+at the smoke preset."""
 
 from __future__ import annotations
 
@@ -12,11 +13,7 @@ import pytest
 import torch
 from torch.autograd.profiler import record_function
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPT = BENCHMARKS / "step_time.py"
-sys.path.insert(0, str(BENCHMARKS))
-
-from steptime.breakdown import (  # noqa: E402
+from maskkit.cost.breakdown import (
     ENGINE_PARTS,
     OPTIMIZER,
     OTHER,
@@ -25,6 +22,11 @@ from steptime.breakdown import (  # noqa: E402
     make_breakdown,
     time_profiler,
 )
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "step_time.py"
+sys.path.insert(0, str(BENCHMARKS))
+
 from steptime.main import planned_runs  # noqa: E402
 from steptime.options import parse_args  # noqa: E402
 from steptime.reference import QUOTED_FIGURES, compare  # noqa: E402
@@ -128,8 +130,8 @@ def test_variants_are_every_combination_of_the_values_given() -> None:
     assert variants[0] == Variant("1/1/1", "exact", 1)
     assert variants[-1].label == "unroll 2/1/1, finite-difference, mask every 4"
     override = Variant("2/1/1", "finite-difference", 4).config_override()
-    assert override["pretrain"]["unroll_steps"] == 2
-    assert override["finetune"]["unroll_steps"] == 4  # --mask-every wins over --unroll's finetune part
+    assert override["mae"]["unroll_steps"] == 2
+    assert override["head"]["unroll_steps"] == 4  # --mask-every wins over --unroll's finetune part
     assert override["hypergradient"]["darts_mode"] == "finite-difference"
     assert expand_variants(None, None, None) == [Variant()]
     for bad in (("1/1", None, None), (None, "central", None), (None, None, "0")):
@@ -333,7 +335,7 @@ def test_named_settings_are_an_axis_that_every_policy_runs_in() -> None:
     # A named setting may change the pretrain level: the baseline runs in each too.
     assert planned_runs(args) == [("random", 0), ("random", 1), ("mlo", 0), ("mlo", 1)]
     config = make_config(args, "random", args.variants[1])
-    assert config.compile and config.fused_adamw and config.pretrain.pretrain.unroll_steps == 1
+    assert config.compile and config.fused_adamw and config.pretrain.mae.unroll_steps == 1
     assert not make_config(args, "random", args.variants[0]).compile
     twice = ["--setting", "x", "a=1", "--setting", "x", "a=2"]
     for bad in (["--setting", "a=b"], ["--setting", "name"], twice):
@@ -349,7 +351,7 @@ def test_interleaved_settings_keep_their_own_random_streams() -> None:
             *QUICK,
             *("--warmup", "1", "--iterations", "2", "--no-policy-subprocess", "--no-breakdown"),
             *("--setting", "plain", "fused_adamw=false", "--setting", "fused", "fused_adamw=true"),
-            *("--setting", "faster", "pretrain.pretrain.lr=0.002", "--interleave", "--learned-mask-costs"),
+            *("--setting", "faster", "pretrain.mae.lr=0.002", "--interleave", "--learned-mask-costs"),
         ]
     )
     rows = benchmark_interleaved(args, "mlo-light", [0, 1, 2])
@@ -373,9 +375,10 @@ def test_the_learned_mask_work_is_amortised_by_the_engine_s_schedule() -> None:
     schedule = run_schedule(config, 329)
     assert schedule["iterations"] == 164  # mask steps
     assert schedule["refits"] == 32  # every 5 mask steps
-    # Every 13 pretrain steps and at the last one, plus step 0; the SNR probe after mask steps.
+    # Every 13 pretrain steps and at the last one, plus step 0; the SNR probe at every other record
+    # after a mask step (12 of them: the even multiples of 13).
     assert schedule["health_records"] == 1 + 25 + 1
-    assert schedule["snr_probes"] == 12
+    assert schedule["snr_probes"] == 6
     paper = make_config(parse_args(["--preset", "paper"]), "mlo").pretrain
     assert run_schedule(paper, 329)["refits"] == 0
 

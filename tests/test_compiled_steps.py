@@ -157,7 +157,7 @@ def test_fused_adamw_gives_the_same_numbers(eager, tmp_path):
     fused = run_steps(tmp_path / "fused", fused_adamw=True)
     assert_same_numbers(eager, fused, weights=True)
     # ... but the check notices an update one part in a thousand larger.
-    other_lr = run_steps(tmp_path / "lr", fused_adamw=True, pretrain={"pretrain": {"lr": 1.001e-3}})
+    other_lr = run_steps(tmp_path / "lr", fused_adamw=True, pretrain={"mae": {"lr": 1.001e-3}})
     with pytest.raises(AssertionError):
         assert_same_numbers(eager, other_lr, weights=True)
 

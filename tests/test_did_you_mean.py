@@ -59,7 +59,7 @@ def test_a_name_near_nothing_only_lists_the_available_ones():
         # A key that belongs one level down: every place it exists there.
         (
             {"pretrain": {"lr": 1}},
-            "did you mean pretrain.pretrain.lr, pretrain.finetune.lr or pretrain.mask.lr?",
+            "did you mean pretrain.mae.lr, pretrain.head.lr or pretrain.mask.lr?",
         ),
     ],
 )
@@ -105,7 +105,7 @@ def maskkit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
             "Did you mean 'otsu'?",
         ),
         (("priors", "build", "--provider", "ostu", "--dataset", "dermamnist"), "Did you mean 'otsu'?"),
-        (("config", "show", "--set", "pretrain.lr=1"), "did you mean pretrain.pretrain.lr,"),
+        (("config", "show", "--set", "pretrain.lr=1"), "did you mean pretrain.mae.lr,"),
     ],
 )
 def test_the_command_line_suggests_in_one_line(tmp_path, args, expected):

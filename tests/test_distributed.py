@@ -209,7 +209,7 @@ def test_uneven_batches_are_refused_with_the_keys_named():
         local_rows(10, 0, 3)
     with pytest.raises(ValueError):
         DeviceBatches(_split(), 6, "cpu", (0.5,) * 3, (0.2,) * 3, rank=0, world_size=4)
-    check_batch_sizes({"pretrain.pretrain.batch_size": 6})  # one process: anything goes
+    check_batch_sizes({"pretrain.mae.batch_size": 6})  # one process: anything goes
 
 
 def test_evaluation_shares_are_whole_batches_in_order(monkeypatch):
@@ -225,7 +225,7 @@ def test_evaluation_shares_are_whole_batches_in_order(monkeypatch):
         assert all(share.start % block == 0 for share in shares if len(share))
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     with pytest.raises(ConfigError, match=r"pretrain.mask.batch_size=6 .* multiple of 4"):
-        check_batch_sizes({"pretrain.pretrain.batch_size": 8, "pretrain.mask.batch_size": 6})
+        check_batch_sizes({"pretrain.mae.batch_size": 8, "pretrain.mask.batch_size": 6})
 
 
 def test_the_launcher_passes_the_command_on_without_nproc():

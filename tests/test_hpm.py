@@ -101,7 +101,7 @@ def hpm_pretrainer(tmp_path, steps: int, name: str = "run", reopen: bool = False
         "hpm",
         mask_ratio=0.75,
         model=HPM_MODEL,
-        pretrain={"steps": steps, "checkpoint_every": 3, "pretrain": {"batch_size": 32, "lr": 3e-3}},
+        pretrain={"steps": steps, "checkpoint_every": 3, "mae": {"batch_size": 32, "lr": 3e-3}},
     )
     if reopen:
         splits = make_splits(dataset, config.data.train_portion, config.data.mask_source)

@@ -123,9 +123,9 @@ def test_divergence_stops_with_the_level_and_step_and_keeps_the_checkpoint(data_
     run_dir = tmp_path / "run"
     result = maskkit(
         "train", *RUN_OPTIONS, "--data-dir", data_dir, "--run-dir", run_dir,
-        "--set", "pretrain.checkpoint_every=1", "--set", "pretrain.pretrain.lr=1e30",
+        "--set", "pretrain.checkpoint_every=1", "--set", "pretrain.mae.lr=1e30",
     )  # fmt: skip
-    assert_user_error(result, "pretrain level diverged at its step", "lr", "fp32", str(run_dir))
+    assert_user_error(result, "pretrain level diverged at its step", "pretrain.mae.lr=", "fp32", str(run_dir))
     assert checkpoint_path(run_dir / "checkpoints", "last") is not None
     load_checkpoint(run_dir / "checkpoints", "last")
 

@@ -86,7 +86,7 @@ def tiny_training(folder: Path, policy: str) -> Path:
                 "device": "cpu",
                 "model": model,
                 "data": {"dataset": "dermamnist", "data_dir": str(folder / "data"), "subset": None},
-                "pretrain": {"steps": 10, "pretrain": {"batch_size": 32}},
+                "pretrain": {"steps": 10, "mae": {"batch_size": 32}},
                 "finetune": {"epochs": 0},
             }
         ],
@@ -227,6 +227,23 @@ def test_every_arm_starts_from_the_checkpoint_optimiser_state(tiny_run):
     assert {group["lr"] for group in optimizer.param_groups} == {3e-3}
 
 
+def test_a_decaying_schedule_steps_each_arm_at_lr_times_one_minus_k_over_k(tiny_run, monkeypatch):
+    used: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    setup = trials.open_trial(settings(tiny_run), Console(quiet=True))
+    trials.train_arm(setup, setup.arms["A"], 0, settings(tiny_run, steps=4, lr_schedule="decay"))
+    assert used == pytest.approx([3e-3, 2.25e-3, 1.5e-3, 0.75e-3])
+    used.clear()
+    trials.train_arm(setup, setup.arms["A"], 0, settings(tiny_run, steps=2))
+    assert used == pytest.approx([3e-3, 3e-3])
+
+
 def test_a_trained_policy_state_comes_from_its_run(tiny_run):
     """hpm's loss predictor trains with the MAE: its state is in the run's checkpoint, and its
     own optimiser groups follow the MAE's (the trial keeps the MAE's moments only)."""
@@ -330,6 +347,7 @@ def test_cli_prints_the_table_and_writes_the_json(tiny_run, tmp_path, capsys, mo
         (["--from", "{run}", "--policy", "nosuch"], ["unknown policy 'nosuch'", "random"]),
         (["--from", "{run}:nosuch", "--policy", "random"], ["no 'nosuch' checkpoint", "pretrained"]),
         (["--from", "{run}", "--policy", "random", "--forks", "1"], ["at least 2 forks"]),
+        (["--from", "{run}", "--policy", "random", "--lr-schedule", "cosine"], ["--lr-schedule", "decay"]),
         (["--from", "{run}", "--policy", "random", "--mask-ratio", "0.99"], ["keeps no token"]),
         (["--from", "{run}", "--policy", "random", "--policy-from", "{missing}"], ["not a maskkit run"]),
     ],

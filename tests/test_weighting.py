@@ -75,7 +75,7 @@ def test_only_the_normalized_weightings_leave_the_scale_of_the_weights_free_of_g
 
 def _pretrainer(tmp_path, weighting: str, lr: float = 1e-3, learned_mask: dict | None = None) -> Pretrainer:
     torch.manual_seed(0)
-    pretrain = {"weighting": weighting, "pretrain": {"lr": lr}}
+    pretrain = {"weighting": weighting, "mae": {"lr": lr}}
     if learned_mask is not None:
         pretrain["learned_mask"] = learned_mask
     config = tiny_config("mlo-light", pretrain=pretrain)

@@ -27,23 +27,23 @@ from typing import Any
 import torch
 from rich.markup import escape
 
+from maskkit.cost.breakdown import ScopeFlopCounter, profiled_breakdown
+from maskkit.cost.machine import load_average
+from maskkit.cost.measure import add_flops, describe_policy, does_not_fit, summarise_timings
+from maskkit.cost.memory import PeakMemoryProbe
+from maskkit.cost.timing import IterationRecord, run_iteration, synchronize
+from maskkit.cost.workload import (
+    built_pretrainer,
+    count_parameters,
+    steps_per_iteration,
+    synthetic_splits,
+    with_iterations,
+)
 from maskkit.engine.pretrain import Pretrainer
 from maskkit.runtime import select_device
 
-from .breakdown import ScopeFlopCounter, attribute_self_times, make_breakdown, time_profiler
-from .learned_mask_cost import CallCounter, learned_mask_costs
-from .machine import load_average
-from .memory import PeakMemoryProbe
-from .runner import describe_policy, does_not_fit, stderr, summarise_timings
-from .timing import IterationRecord, run_iteration, synchronize
-from .workload import (
-    benchmark_dataset,
-    built_pretrainer,
-    count_parameters,
-    make_config,
-    steps_per_iteration,
-    synthetic_splits,
-)
+from .runner import LearnedMaskCostHooks, stderr, variant_fields
+from .workload import benchmark_dataset, make_config
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Contender:
         step: the last pretrain step it took.
         timed: its timed iterations.
         losses: the level losses after each timed iteration.
+        flop_counter: the FLOP count of one of its iterations (after the timed rounds).
     """
 
     index: int
@@ -69,6 +70,7 @@ class Contender:
     step: int = 0
     timed: list[IterationRecord] = field(default_factory=list)
     losses: list[dict[str, float | None]] = field(default_factory=list)
+    flop_counter: ScopeFlopCounter | None = None
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,13 +116,12 @@ def benchmark_interleaved(args: argparse.Namespace, policy: str, indices: list[i
     configs = {}
     for index in indices:
         variant = args.variants[index]
-        per_iteration = steps_per_iteration(make_config(args, policy, variant))
-        total = per_iteration * (args.warmup + args.iterations + extra)
-        configs[index] = config = make_config(args, policy, variant, total)
-        result = describe_policy(config, policy, variant, index)
+        config = make_config(args, policy, variant)
+        configs[index] = config = with_iterations(config, args.warmup + args.iterations + extra)
+        result = {**describe_policy(config), **variant_fields(policy, variant, index)}
         result["parameters"] = count_parameters(config)
         result["interleaved"] = True
-        contenders.append(Contender(index, result, per_iteration=per_iteration))
+        contenders.append(Contender(index, result, per_iteration=steps_per_iteration(config)))
     device = select_device(configs[indices[0]].device)
     for contender in contenders:
         reason = does_not_fit(contender.result, device)
@@ -148,7 +149,10 @@ def benchmark_interleaved(args: argparse.Namespace, policy: str, indices: list[i
                 if index == 0:
                     contender.result["first_iteration_s"] = record.seconds
         load_before = load_average()
-        counters = [CallCounter(c.pretrainer.objectives.policy) for c in contenders if c.pretrainer]
+        hooks = [LearnedMaskCostHooks(args.iterations, f" [{c.result['variant_label']}]") for c in contenders]
+        for contender, hook in zip(contenders, hooks, strict=True):
+            assert contender.pretrainer is not None
+            hook.timed_started(contender.pretrainer)
         for round_index in range(args.iterations):
             shift = round_index % len(contenders)
             for contender in contenders[shift:] + contenders[:shift]:
@@ -159,10 +163,10 @@ def benchmark_interleaved(args: argparse.Namespace, policy: str, indices: list[i
                 f"  {policy}: round {round_index + 1}/{args.iterations}: "
                 + ", ".join(f"{c.timed[-1].seconds:.3f} s" for c in contenders)
             )
-        for counter in counters:
-            counter.remove()
-        for contender, counter in zip(contenders, counters, strict=True):
-            _finish(args, contender, device, policy, counter.calls / max(1, args.iterations))
+        for contender, hook in zip(contenders, hooks, strict=True):
+            assert contender.pretrainer is not None
+            hook.timed_ended(contender.pretrainer)
+            _finish(args, contender, device, policy, hook)
             contender.result["load_average_before"] = load_before
         synchronize(device)
         process_memory = memory.read()
@@ -176,7 +180,7 @@ def benchmark_interleaved(args: argparse.Namespace, policy: str, indices: list[i
             summarise_timings(
                 contender.timed,
                 contender.per_iteration,
-                configs[contender.index].pretrain.pretrain.batch_size,
+                configs[contender.index].pretrain.mae.batch_size,
             )
         )
         seconds = row["iteration_seconds"]
@@ -187,35 +191,35 @@ def benchmark_interleaved(args: argparse.Namespace, policy: str, indices: list[i
         row["loss_agreement"] = (
             loss_agreement(reference.losses, contender.losses) if contender is not reference else 0.0
         )
-        flops = row.get("flops_per_iteration")
-        row["achieved_flops_per_s"] = flops / row["median_iteration_s"] if flops else None
+        add_flops(row, contender.flop_counter)
         rows.append(row)
     return rows
 
 
 def _finish(
-    args: argparse.Namespace, contender: Contender, device: torch.device, policy: str, decisions: float
+    args: argparse.Namespace,
+    contender: Contender,
+    device: torch.device,
+    policy: str,
+    hooks: LearnedMaskCostHooks,
 ) -> None:
     """After the timed rounds: the FLOP count, the profiled breakdown and the learned-mask costs
     of one setting."""
     result = contender.result
     tag = escape(f"[{result['variant_label']}]")
-    counter: ScopeFlopCounter | None = None
     if args.flops:
         stderr.print(f"  {policy} {tag}: counting FLOPs over one more iteration")
-        counter = ScopeFlopCounter()
-        _iterate(contender, device, counter)
-    result["flops_per_iteration"] = counter.total_flops if counter is not None else None
+        contender.flop_counter = ScopeFlopCounter()
+        _iterate(contender, device, contender.flop_counter)
     if args.breakdown:
         stderr.print(f"  {policy} {tag}: profiling one more iteration for the breakdown")
-        profiler = time_profiler(device)
-        profiled = _iterate(contender, device, profiler)
-        seconds, calls = attribute_self_times(profiler.events(), device)
-        result["breakdown"] = make_breakdown(device, profiled.seconds, seconds, calls, counter).to_dict()
+        breakdown = profiled_breakdown(
+            device, lambda around: _iterate(contender, device, around), contender.flop_counter
+        )
+        result["breakdown"] = breakdown.to_dict()
     if args.learned_mask_costs:
         assert contender.pretrainer is not None
-        stderr.print(f"  {policy} {tag}: timing the learned-mask work")
-        result["learned_mask_costs"] = learned_mask_costs(contender.pretrainer, decisions)
+        hooks.finished(contender.pretrainer, result)
 
 
 def run_interleaved(args: argparse.Namespace, policy: str, indices: list[int]) -> list[dict[str, Any]]:

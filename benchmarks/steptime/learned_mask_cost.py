@@ -7,11 +7,13 @@ The work ``pretrain.learned_mask`` and the mask-health diagnostics add to stage 
   log-probability, or the reference's raw logits and top-k), at every call an iteration makes
   (counted by a forward hook during the timed iterations), and one backward pass into the
   policy per hypergradient (through the decision's weights);
-- **the head refit**: every ``head_refit_every`` mask steps, E's features of the refit subset and
-  a logistic regression fitted to them;
+- **the head refit**: every ``head_refit_every`` mask steps, E's features of the refit subset's
+  rotating window (``head_refit_refresh`` of its ``head_refit_images`` images; all of them at the
+  first refit, which is timed apart) and a logistic regression fitted to the whole subset's;
 - **the diagnostics**: every ``max(1, T // 25)`` pretrain steps (and at step 0) the mask figures
-  on the fixed batch and the level-2 head's balanced accuracy on the mask split; at those of them
-  that follow a mask step, the SNR probe (two more hypergradients).
+  on the fixed batch and the level-2 head's balanced accuracy on a class-capped subset of the mask
+  split; at every other one of them that follows a mask step, the SNR probe (two more
+  hypergradients).
 
 Each part is timed ``repeats`` times after the timed iterations (the median counts) and amortised
 over a run of ``T`` pretrain steps, ``T`` from the config's epochs over the synthetic pretrain
@@ -31,13 +33,11 @@ from typing import Any
 import torch
 
 from maskkit.config import PretrainConfig
+from maskkit.cost.timing import synchronize
 from maskkit.engine.head_refit import refit_head
 from maskkit.engine.objectives import mask_batch
 from maskkit.engine.policy_calls import checked_decision
 from maskkit.engine.pretrain import Pretrainer
-from maskkit.engine.protocols.features import encoder_features
-
-from .timing import synchronize
 
 
 class CallCounter:
@@ -68,8 +68,9 @@ def _median_seconds(work: Callable[[], object], repeats: int, device: torch.devi
 def run_schedule(config: PretrainConfig, total_steps: int) -> dict[str, int]:
     """How often a run of ``total_steps`` pretrain steps with the stage-1 ``config`` runs each
     part, by the engine's rules: ``iterations`` (mask steps), ``refits``, ``health_records``
-    (step 0 included) and ``snr_probes`` (the records right after a mask step)."""
-    per_mask_step = config.pretrain.unroll_steps * config.finetune.unroll_steps * config.mask.unroll_steps
+    (step 0 included) and ``snr_probes`` (every other record right after a mask step, the first
+    included: :meth:`maskkit.engine.mask_health.MaskHealth.snr_due`)."""
+    per_mask_step = config.mae.unroll_steps * config.head.unroll_steps * config.mask.unroll_steps
     every = max(1, total_steps // 25)
     records = [step for step in range(1, total_steps + 1) if step % every == 0 or step == total_steps]
     mask_steps = total_steps // per_mask_step
@@ -79,7 +80,7 @@ def run_schedule(config: PretrainConfig, total_steps: int) -> dict[str, int]:
         "iterations": mask_steps,
         "refits": mask_steps // refit_every if refit_every else 0,
         "health_records": 1 + len(records),
-        "snr_probes": sum(1 for step in records if step % per_mask_step == 0),
+        "snr_probes": (sum(1 for step in records if step % per_mask_step == 0) + 1) // 2,
     }
 
 
@@ -88,7 +89,7 @@ def run_length(pretrainer: Pretrainer) -> int:
     config sets ``pretrain.steps`` to its own few iterations, which this ignores)."""
     config = pretrainer.context.config.pretrain
     images = len(pretrainer.context.splits.pretrain)
-    return max(1, math.ceil(config.epochs * images / config.pretrain.batch_size))
+    return max(1, math.ceil(config.epochs * images / config.mae.batch_size))
 
 
 def decision_seconds(pretrainer: Pretrainer, repeats: int) -> tuple[float, float]:
@@ -140,32 +141,33 @@ def learned_mask_costs(
         "mask decision (forward)": {"seconds": forward_s, "per_iteration_calls": decisions_per_iteration},
         "mask decision (backward into the policy)": {"seconds": backward_s, "per_iteration_calls": 1.0},
     }
-    if pretrainer.refit_split is not None:
+    cache = pretrainer.refit_features
+    if cache is not None:
         assert pretrainer.head is not None
+        head, mae = pretrainer.head, pretrainer.mae
         optimizer = pretrainer.mlo.levels["finetune"].optimizer
-        saved = {key: value.clone() for key, value in pretrainer.head.state_dict().items()}
+        saved = {key: value.clone() for key, value in head.state_dict().items()}
+        kept = cache.state_dict()
+        cache.update(mae, context.mean, context.std, context.autocast)  # every row computed once
+
+        def update() -> tuple[torch.Tensor, torch.Tensor]:
+            return cache.update(mae, context.mean, context.std, context.autocast)
 
         def refit() -> None:
-            refit_head(
-                pretrainer.head,
-                pretrainer.mae,
-                pretrainer.refit_split,
-                optimizer,
-                context.mean,
-                context.std,
-                context.autocast,
-            )
+            refit_head(head, *update(), optimizer)
 
+        refits = schedule["refits"] / iterations
         parts["head refit"] = {
             "seconds": _median_seconds(refit, repeats, device),
-            "per_iteration_calls": schedule["refits"] / iterations,
+            "per_iteration_calls": refits,
         }
-        pretrainer.head.load_state_dict(saved)
-        parts["of which E's features of the refit subset"] = {
-            "seconds": _median_seconds(lambda: _refit_features(pretrainer), repeats, device),
-            "per_iteration_calls": schedule["refits"] / iterations,
+        parts["of which E's features of the refreshed window"] = {
+            "seconds": _median_seconds(update, repeats, device),
+            "per_iteration_calls": refits,
             "included": True,  # in the head refit's time: not added to the total
         }
+        head.load_state_dict(saved)
+        cache.load_state_dict(kept)
     health = pretrainer.health
     if health is not None:
         records = schedule["health_records"] / iterations
@@ -199,27 +201,3 @@ def learned_mask_costs(
             part["per_iteration_s"] for part in parts.values() if not part.get("included")
         ),
     }
-
-
-@torch.no_grad()
-def _refit_features(pretrainer: Pretrainer) -> None:
-    """The features a head refit computes (:func:`maskkit.engine.head_refit.refit_head`): E's, in
-    eval mode, through the head's norm, over the refit subset."""
-    mae, head, context = pretrainer.mae, pretrainer.head, pretrainer.context
-    assert head is not None and pretrainer.refit_split is not None
-    modes = (mae.training, head.training)
-    mae.eval()
-    head.eval()
-    try:
-        encoder_features(
-            lambda images: head.norm(mae.features(images)),
-            pretrainer.refit_split,
-            256,
-            context.device,
-            context.mean,
-            context.std,
-            context.autocast,
-        )
-    finally:
-        mae.train(modes[0])
-        head.train(modes[1])

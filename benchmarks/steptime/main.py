@@ -14,20 +14,22 @@ import torch
 from rich.console import Console
 
 from maskkit.config import RunConfig
+from maskkit.cost.machine import BUSY_WARNING, busy_fraction, hardware, load_average
+from maskkit.cost.report import describe_config, write_json
+from maskkit.cost.workload import is_multilevel, level_settings
 from maskkit.errors import MaskkitError
 from maskkit.plugins import policy_info
 from maskkit.runtime import select_device, use_bf16
 
 from .interleaved import run_interleaved
-from .machine import BUSY_WARNING, busy_fraction, hardware, load_average
 from .matmul_rate import matmul_rate
 from .options import parse_args
 from .peak import device_peak
 from .reference import compare
-from .report import add_derived, markdown, print_report, write_json
+from .report import add_derived, markdown, print_report
 from .runner import run_policy, run_policy_subprocess, stderr
 from .runtime_setup import apply_cpu_tuning, set_threads
-from .workload import is_multilevel, level_settings, make_config, steps_per_iteration
+from .workload import make_config
 
 
 def planned_runs(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -63,6 +65,7 @@ def describe_run(
 ) -> dict[str, Any]:
     """Everything about the invocation that the report and the JSON need besides the rows."""
     configs = [make_config(args, args.policy_list[0], variant) for variant in args.variants]
+    described = describe_config(config)
     return {
         "command": "python benchmarks/step_time.py " + shlex.join(argv),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -71,18 +74,14 @@ def describe_run(
             {"name": args.workload.name, "description": args.workload.description} if args.workload else None
         ),
         "hardware": hardware(device, config.precision),
-        "model": {**config.model.model_dump(), "num_patches": config.model.num_patches},
-        "mask_ratio": config.mask_ratio,
+        **described,
         "variants": [variant.to_dict() for variant in args.variants],
         "run": {
+            **described["run"],
             "iterations": args.iterations,
             "warmup": args.warmup,
-            "steps_per_iteration": steps_per_iteration(config),
-            "batch_sizes": level_settings(config)["batch_sizes"],
             "unroll": _joined([level_settings(item)["unroll"] for item in configs]),
-            "hypergradient": config.pretrain.hypergradient.estimator,
             "darts_mode": _joined([item.pretrain.hypergradient.darts_mode for item in configs]),
-            "weighting": config.pretrain.weighting,
             "policy_subprocess": args.policy_subprocess,
             "num_images": args.num_images,
             "dataset": args.dataset,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .timing import synchronize
+from maskkit.cost.timing import synchronize
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> dict[str, Any] | None:

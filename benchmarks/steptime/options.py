@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-every",
         default=None,
         metavar="K[,K...]",
-        help="update the mask level every K finetune steps (sets pretrain.finetune.unroll_steps; "
+        help="update the mask level every K finetune steps (sets pretrain.head.unroll_steps; "
         "applied after --unroll), e.g. 1,2,4",
     )
     compare.add_argument(

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .formatting import MISSING, format_ratio, format_seconds, format_si
+from maskkit.cost.formatting import MISSING, format_ratio, format_seconds, format_si
+
 from .workloads import REFERENCE_MODEL, VIT_B2_MODEL
 
 SOURCE = (

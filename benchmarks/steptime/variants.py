@@ -17,7 +17,7 @@ import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from maskkit.config import deep_merge, parse_override
+from maskkit.config import LEVEL_KEYS, deep_merge, parse_override
 
 LEVELS = ("pretrain", "finetune", "mask")
 DARTS_MODES = ("exact", "finite-difference")
@@ -30,7 +30,7 @@ class Variant:
     Attributes:
         unroll: ``"p/f/m"``, the unroll steps of the pretrain, finetune and mask levels.
         darts_mode: ``pretrain.hypergradient.darts_mode``, how each ``darts`` product is evaluated.
-        mask_every: ``pretrain.finetune.unroll_steps`` (applied after ``unroll``): the mask level
+        mask_every: ``pretrain.head.unroll_steps`` (applied after ``unroll``): the mask level
             then updates once every ``mask_every`` finetune steps, i.e. every
             ``p · mask_every`` pretrain steps, the amortisation knob.
     """
@@ -58,9 +58,9 @@ class Variant:
         levels: dict[str, dict[str, Any]] = {}
         if self.unroll is not None:
             for level, steps in zip(LEVELS, parse_unroll(self.unroll), strict=True):
-                levels.setdefault(level, {})["unroll_steps"] = steps
+                levels.setdefault(LEVEL_KEYS[level], {})["unroll_steps"] = steps
         if self.mask_every is not None:
-            levels.setdefault("finetune", {})["unroll_steps"] = self.mask_every
+            levels.setdefault("head", {})["unroll_steps"] = self.mask_every
         if self.darts_mode is not None:
             levels.setdefault("hypergradient", {})["darts_mode"] = self.darts_mode
         return levels

@@ -1,157 +1,36 @@
-"""What is benchmarked: the run config of one policy in one variant, synthetic data, and the
-``Pretrainer`` built exactly as ``maskkit train`` builds it."""
+"""What is benchmarked: the run config of one policy in one variant, and its images (synthetic, or
+``--dataset``). The rest of the workload (the ``Pretrainer`` as ``maskkit train`` builds it) is
+:mod:`maskkit.cost.workload`."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import torch
-from rich.console import Console
+from maskkit.config import LEVEL_KEYS, RunConfig, build_config, parse_override
+from maskkit.cost.workload import LEVELS, named_options, synthetic_dataset
+from maskkit.data import LabelledDataset
 
-from maskkit.config import RunConfig, build_config, parse_override
-from maskkit.data import ImageSplit, LabelledDataset, MLOSplits, make_splits
-from maskkit.engine.context import RunContext
-from maskkit.engine.pretrain import Pretrainer
-from maskkit.engine.priors import computed_priors
-from maskkit.engine.run import build_models
-from maskkit.models import ClassifierHead, MaskedAutoencoderViT
-from maskkit.plugins import create_policy, create_provider, policy_info
-from maskkit.policy import MASK_LEVEL, PRETRAIN_LEVEL, policy_context
-from maskkit.rundir import RunDir
-
-from .variants import LEVELS, Variant
-
-NUM_CLASSES = 7
+from .variants import Variant
 
 
-def is_multilevel(policy: str) -> bool:
-    """Whether ``policy`` runs all three levels (level 3 trains it:
-    :meth:`maskkit.policy.MaskPolicy.training_levels`); else the pretrain level alone."""
-    return MASK_LEVEL in policy_info(policy).policy_class.training_levels()
-
-
-def make_config(
-    args: argparse.Namespace, policy: str, variant: Variant | None = None, total_steps: int | None = None
-) -> RunConfig:
+def make_config(args: argparse.Namespace, policy: str, variant: Variant | None = None) -> RunConfig:
     """The preset, ``--config``, the workload's config (its model), ``--set``, then the command
     line's batch, device and variant choices, each over the one before."""
     overrides: list[dict] = [*args.workload_config, *(parse_override(item) for item in args.overrides)]
-    extra: dict[str, Any] = {"policy": policy}
-    if args.device is not None:
-        extra["device"] = args.device
-    if args.precision is not None:
-        extra["precision"] = args.precision
-    pretrain: dict[str, Any] = {}
+    extra = named_options(policy, args.device, args.precision)
     if args.batch_size is not None:
-        pretrain = {level: {"batch_size": args.batch_size} for level in LEVELS}
-    if total_steps is not None:
-        pretrain["steps"] = total_steps
-    extra["pretrain"] = pretrain
+        extra["pretrain"] = {LEVEL_KEYS[level]: {"batch_size": args.batch_size} for level in LEVELS}
     layers = [*overrides, extra]
     if variant is not None:
         layers.append(variant.overrides())
     return build_config(args.config_preset, args.config, layers)
 
 
-def steps_per_iteration(config: RunConfig) -> int:
-    """Pretrain steps in one MLO iteration: the finetune and mask levels step once per this many."""
-    levels = config.pretrain
-    return levels.pretrain.unroll_steps * levels.finetune.unroll_steps
-
-
-def level_settings(config: RunConfig) -> dict[str, Any]:
-    """Batch sizes and unroll steps as ``8/8/8`` and ``1/1/1`` (pretrain/finetune/mask)."""
-    levels = [getattr(config.pretrain, level) for level in LEVELS]
-    return {
-        "batch_sizes": "/".join(str(level.batch_size) for level in levels),
-        "unroll": "/".join(str(level.unroll_steps) for level in levels),
-    }
-
-
 def benchmark_dataset(args: argparse.Namespace, config: RunConfig) -> LabelledDataset:
-    """``--dataset NAME`` (from ``--data-dir``) when given, else :func:`synthetic_dataset`."""
+    """``--dataset NAME`` (from ``--data-dir``) when given, else synthetic images
+    (``--num-images`` of them)."""
     if args.dataset is None:
         return synthetic_dataset(config, args.num_images, seed=config.seed)
     from maskkit.data.registry import load_dataset
 
     return load_dataset(args.dataset, args.data_dir, image_size=config.model.img_size)
-
-
-def synthetic_dataset(config: RunConfig, num_images: int | None, seed: int = 0) -> LabelledDataset:
-    """Random uint8 images of the model's size in :data:`NUM_CLASSES` classes, with a val split."""
-    levels = config.pretrain
-    largest = max(levels.pretrain.batch_size, levels.finetune.batch_size, levels.mask.batch_size)
-    count = num_images or max(256, 2 * largest)
-    size = config.model.img_size
-    generator = torch.Generator().manual_seed(seed)
-
-    def split(n: int) -> ImageSplit:
-        images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
-        return ImageSplit(images, torch.randint(0, NUM_CLASSES, (n,), generator=generator))
-
-    train = split(count)
-    pixels = train.images.float().div_(255.0)
-    mean = tuple(float(v) for v in pixels.mean(dim=(0, 2, 3)))
-    std = tuple(float(v) for v in pixels.std(dim=(0, 2, 3)))
-    return LabelledDataset(
-        name="synthetic",
-        train=train,
-        val=split(max(16, count // 4)),
-        test=split(16),
-        class_names=[f"class{i}" for i in range(NUM_CLASSES)],
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
-    )
-
-
-def synthetic_splits(config: RunConfig, dataset: LabelledDataset) -> MLOSplits:
-    """The MLO splits of ``dataset``, cut as ``maskkit train`` cuts them (with the centre prior
-    attached when the policy reads priors)."""
-    data = config.data
-    if policy_info(config.policy).requires:  # a guided policy: the weight-free centre prior stands in
-        dataset = computed_priors(dataset, create_provider("center"))
-    return make_splits(dataset, data.train_portion, data.mask_source, data.val_portion)
-
-
-def count_parameters(config: RunConfig) -> dict[str, int]:
-    """Parameters of the MAE, the policy and (for a learnable policy) the head, built on the meta
-    device so that no memory is allocated."""
-    learnable = is_multilevel(config.policy)
-    with torch.device("meta"):
-        mae = MaskedAutoencoderViT(config.model)
-        policy = create_policy(
-            config.policy, policy_context(mae, config.pretrain.learned_mask), config.policy_options
-        )
-        head = ClassifierHead(config.model.embed_dim, NUM_CLASSES, config.finetune.head_dropout)
-    counts = {
-        "mae": sum(p.numel() for p in mae.parameters()),
-        "policy": sum(p.numel() for p in policy.parameters()),
-        # the policy's parameters that the pretrain level trains (hpm's loss predictor)
-        "policy_pretrain": sum(p.numel() for p in policy.pretrain_parameters())
-        if PRETRAIN_LEVEL in policy.training_levels()
-        else 0,
-        "head": sum(p.numel() for p in head.parameters()) if learnable else 0,
-    }
-    policy_trained = counts["policy"] if learnable else counts["policy_pretrain"]
-    counts["trained"] = counts["mae"] + policy_trained + counts["head"]
-    return counts
-
-
-@contextlib.contextmanager
-def built_pretrainer(
-    config: RunConfig, dataset: LabelledDataset, splits: MLOSplits, device: torch.device
-) -> Iterator[Pretrainer]:
-    """The models (``build_models``) and the ``Pretrainer`` as ``maskkit train`` makes them (a
-    fixed policy gets the pretrain level alone), over a temporary run directory that is removed
-    afterwards."""
-    mae, mask_policy, head = build_models(config, len(dataset.class_names), device)
-    with tempfile.TemporaryDirectory(prefix="maskkit-step-time-") as run_path:
-        context = RunContext(
-            config, device, dataset, splits, RunDir(Path(run_path)), Console(stderr=True, quiet=True)
-        )
-        yield Pretrainer(context, mae, mask_policy, head if is_multilevel(config.policy) else None)

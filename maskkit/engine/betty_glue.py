@@ -70,6 +70,7 @@ from betty.problems import ImplicitProblem
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
+from maskkit.config import LEVEL_KEYS
 from maskkit.distributed import average_across_ranks, mean_of
 from maskkit.engine.hypergradient import grad_or_zeros, hypergradient
 from maskkit.errors import TrainingDivergedError
@@ -191,7 +192,8 @@ class _Level(ImplicitProblem):
         """Stop the run: this level diverged (``what`` says how), the last good checkpoint kept."""
         raise TrainingDivergedError(
             f"the {self.name} level diverged at its step {self._count}: {what}. The last good "
-            f"checkpoint is kept. Start a new run with a lower lr (--set pretrain.{self.name}.lr=...), "
+            "checkpoint is kept. Start a new run with a lower lr "
+            f"(--set pretrain.{LEVEL_KEYS[self.name]}.lr=...), "
             "or resume this one in fp32 (--resume RUN_DIR --set precision=fp32)."
         )
 

@@ -14,7 +14,13 @@ the deterministic top-k) on a fixed batch of the val split and logs:
   same position (0: one mask for every image);
 - ``hypergradient/snr``: the cosine between the mask level's hypergradients on two fixed,
   disjoint mask-split batches at the same parameters (near 0: the direction is noise);
-- ``level2/balanced_accuracy``: the level-2 head's balanced accuracy on the whole mask split.
+- ``level2/balanced_accuracy``: the level-2 head's balanced accuracy on a fixed subset of at most
+  :data:`LEVEL2_IMAGES` images of the mask split that keeps every class's images up to a common
+  cap (:func:`class_capped_subset`): a balanced accuracy's noise comes from its smallest classes,
+  which the cap keeps whole, while the majority class, which costs most of the time, is cut.
+
+The hypergradient probe costs two hypergradients, so it runs at every other record that follows
+a mask step (:meth:`MaskHealth.snr_due`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,32 @@ from maskkit.weighting import LossWeighting
 SATURATION_TOLERANCE = 1e-3
 #: Images in the fixed batch the mask statistics are taken on.
 FIXED_IMAGES = 128
+#: Most images of the mask split the level-2 head's balanced accuracy is taken on.
+LEVEL2_IMAGES = 512
+
+
+def class_capped_subset(split: ImageSplit, size: int, seed: int) -> ImageSplit:
+    """A fixed subset of at most ``size`` images of ``split``: every class keeps its images up to
+    one common cap (the largest that fits ``size``; a class with fewer keeps all of its own),
+    drawn at random by ``seed``, in the split's order. The whole split when it has ``size`` or
+    fewer images."""
+    if len(split) <= size:
+        return split
+    labels = split.labels.cpu()
+    counts = sorted(int(n) for n in torch.bincount(labels) if n)
+    cap, left, classes = 0, size, len(counts)
+    for count in counts:  # water-filling: the small classes whole, the rest share what is left
+        if count * classes <= left:
+            cap, left, classes = count, left - count, classes - 1
+        else:
+            cap = left // classes
+            break
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        keep.append(members[torch.randperm(len(members), generator=generator)[:cap]])
+    return split.subset(torch.cat(keep).sort().values)
 
 
 def saturated_share(probabilities: Tensor) -> float:
@@ -95,11 +127,12 @@ class MaskHealth:
         std: Sequence[float],
         autocast: Callable,
         mask_batch_size: int,
+        seed: int = 0,
     ) -> None:
         self.mae, self.policy, self.head = mae, policy, head
         self.mask_ratio, self.weighting, self.autocast = mask_ratio, weighting, autocast
         self.mean, self.std = mean, std
-        self.mask_split = mask_split
+        self.level2_split = class_capped_subset(mask_split, LEVEL2_IMAGES, seed)
         self.device = next(mae.parameters()).device
         priors = sorted(policy.requires)
         fixed = _first_batches(eval_split, FIXED_IMAGES, 1, self.device, mean, std, priors)
@@ -110,6 +143,7 @@ class MaskHealth:
         pair = _first_batches(mask_split, size, 2, self.device, mean, std, priors)
         self.snr_batches: list[Batch] = pair if len(pair) == 2 else []
         self.initial_masks: Tensor | None = None
+        self.snr_chances = 0  # records that followed a mask step: the probe runs at every other
 
     @torch.no_grad()
     def _mode(self) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -136,10 +170,17 @@ class MaskHealth:
             self.initial_masks = self._mode()[0].bool().cpu()
 
     def state_dict(self) -> dict:
-        return {"initial_masks": self.initial_masks}
+        return {"initial_masks": self.initial_masks, "snr_chances": self.snr_chances}
 
     def load_state_dict(self, state: dict) -> None:
         self.initial_masks = state.get("initial_masks")
+        self.snr_chances = state.get("snr_chances", 0)
+
+    def snr_due(self) -> bool:
+        """Called at each record that follows a mask step: whether the hypergradient probe runs
+        there (the first such record, the third, …)."""
+        self.snr_chances += 1
+        return self.snr_chances % 2 == 1
 
     def mask_figures(self) -> dict[str, float]:
         """The mask's saturation, largest score, turnover and image dependence."""
@@ -158,13 +199,14 @@ class MaskHealth:
 
     @torch.no_grad()
     def level2_balanced_accuracy(self) -> float:
-        """Balanced accuracy of E + the level-2 head on the whole mask split (eval mode)."""
+        """Balanced accuracy of E + the level-2 head on the fixed class-capped subset of the mask
+        split (eval mode)."""
         modes = (self.mae.training, self.head.training)
         self.mae.eval()
         self.head.eval()
         predictions, labels = [], []
         try:
-            for batch in iterate_eval(self.mask_split, 256, self.device, self.mean, self.std):
+            for batch in iterate_eval(self.level2_split, 256, self.device, self.mean, self.std):
                 with self.autocast():
                     logits = self.head(self.mae.features(batch.images))
                 predictions.append(logits.float().argmax(1).cpu())

@@ -20,14 +20,14 @@ import torch
 from torch.autograd.profiler import record_function
 
 from maskkit.checkpoint import Checkpoint
-from maskkit.data import DeviceBatches, ImageSplit
+from maskkit.data import DeviceBatches
 from maskkit.distributed import gather_rows, mean_of, rank, restore_rng_state, world_size
 from maskkit.engine.betty_glue import FunctionalLoss, LevelSpec, MultiLevelOptimizer
 from maskkit.engine.class_weights import class_balanced_weights
 from maskkit.engine.compiled import step_passes
 from maskkit.engine.context import RunContext
 from maskkit.engine.diagnostics import global_batch, mask_statistics, split_mask_statistics
-from maskkit.engine.head_refit import refit_head, refit_subset
+from maskkit.engine.head_refit import RefitFeatures, refit_head, refit_subset
 from maskkit.engine.mask_health import MaskHealth
 from maskkit.engine.objectives import MLOObjectives
 from maskkit.engine.optim import adamw_from_config, cosine_schedule, parameter_groups
@@ -49,7 +49,7 @@ def pretrain_steps(context: RunContext) -> int:
     config = context.config.pretrain
     if config.steps is not None:
         return config.steps
-    return max(1, math.ceil(config.epochs * len(context.splits.pretrain) / config.pretrain.batch_size))
+    return max(1, math.ceil(config.epochs * len(context.splits.pretrain) / config.mae.batch_size))
 
 
 def policy_pretrain_parameters(policy: MaskPolicy) -> list[torch.nn.Parameter]:
@@ -104,22 +104,20 @@ class Pretrainer:
             passes=step_passes(config.compile),
         )
         self.batches = {
-            "pretrain": self._batches(self.context.splits.pretrain, config.pretrain.pretrain.batch_size, 1),
+            "pretrain": self._batches(self.context.splits.pretrain, config.pretrain.mae.batch_size, 1),
         }
         specs = {"pretrain": self._pretrain_spec()}
         if MASK_LEVEL in self.policy.training_levels():
             if self.head is None:
                 raise ValueError("a learnable policy needs the level-2 head")
             levels = config.pretrain
-            self.batches["finetune"] = self._batches(
-                self.context.splits.finetune, levels.finetune.batch_size, 2
-            )
+            self.batches["finetune"] = self._batches(self.context.splits.finetune, levels.head.batch_size, 2)
             self.batches["mask"] = self._batches(self.context.splits.mask_val, levels.mask.batch_size, 3)
             specs["finetune"] = self._finetune_spec()
             specs["mask"] = self._mask_spec()
         self.mlo = MultiLevelOptimizer(specs, device, self.total_steps, config.pretrain.hypergradient)
         self.health: MaskHealth | None = None
-        self.refit_split: ImageSplit | None = None
+        self.refit_features: RefitFeatures | None = None  # E's features for the head refit
         self.last_refit = 0  # the mask step of the latest head refit
         self.mask_stepped = False  # whether the latest step ended with a mask step
         if self.mlo.is_multilevel:
@@ -137,11 +135,12 @@ class Pretrainer:
                 context.std,
                 context.autocast,
                 max(1, config.pretrain.mask.batch_size // world_size()),
+                config.seed,
             )
             learned = config.pretrain.learned_mask
             if learned.head_refit_every is not None:
-                images = learned.head_refit_images
-                self.refit_split = refit_subset(context.splits.finetune, images, config.seed)
+                subset = refit_subset(context.splits.finetune, learned.head_refit_images, config.seed)
+                self.refit_features = RefitFeatures(subset, learned.head_refit_refresh)
         self.best_accuracy: float | None = None
         self.evaluations: list[dict] = []
         self.last_health: dict = {}  # the latest health record (mask_health.py)
@@ -177,11 +176,11 @@ class Pretrainer:
         if level == "pretrain":
             return self.total_steps
         if level == "finetune":
-            return max(1, self.total_steps // levels.pretrain.unroll_steps)
-        return max(1, self.total_steps // (levels.pretrain.unroll_steps * levels.finetune.unroll_steps))
+            return max(1, self.total_steps // levels.mae.unroll_steps)
+        return max(1, self.total_steps // (levels.mae.unroll_steps * levels.head.unroll_steps))
 
     def _pretrain_spec(self) -> LevelSpec:
-        level = self.context.config.pretrain.pretrain
+        level = self.context.config.pretrain.mae
         policy_part = self.policy_pretrain_parameters
         groups = parameter_groups(self.mae, level.weight_decay)
         groups += parameter_groups(self.policy, level.weight_decay, only=policy_part)
@@ -202,7 +201,7 @@ class Pretrainer:
         )
 
     def _finetune_spec(self) -> LevelSpec:
-        level = self.context.config.pretrain.finetune
+        level = self.context.config.pretrain.head
         optimizer = adamw_from_config(self.head, level, self.context.fused_adamw)
         objectives = self.objectives
         return LevelSpec(
@@ -266,6 +265,7 @@ class Pretrainer:
             "health": self.health.state_dict() if self.health is not None else None,
             "last_health": dict(self.last_health),
             "last_refit": self.last_refit,
+            "refit_features": self.refit_features.state_dict() if self.refit_features is not None else None,
         }
 
     def load_training_state(self, state: dict) -> None:
@@ -284,6 +284,8 @@ class Pretrainer:
             self.health.load_state_dict(state["health"])
         self.last_health = dict(state.get("last_health", {}))
         self.last_refit = state.get("last_refit", 0)
+        if self.refit_features is not None and state.get("refit_features"):
+            self.refit_features.load_state_dict(state["refit_features"])
         self.seconds_before = state["seconds"]
         self.start_step = state["step"]
 
@@ -309,18 +311,19 @@ class Pretrainer:
         """Every ``head_refit_every`` mask steps, the level-2 head's last layer is refitted to its
         best response (:func:`~maskkit.engine.head_refit.refit_head`)."""
         every = self.context.config.pretrain.learned_mask.head_refit_every
-        if self.refit_split is None or every is None:
+        if self.refit_features is None or every is None:
             return
         mask_steps = self.mlo.levels["mask"].count
         if mask_steps == self.last_refit or mask_steps % every:
             return
         assert self.head is not None
-        context = self.context
         optimizer = self.mlo.levels["finetune"].optimizer
         with record_function("maskkit.head_refit"):  # a part of its own in benchmarks/steptime
-            refit_head(
-                self.head, self.mae, self.refit_split, optimizer, context.mean, context.std, context.autocast
+            context = self.context
+            features, labels = self.refit_features.update(
+                self.mae, context.mean, context.std, context.autocast
             )
+            refit_head(self.head, features, labels, optimizer)
         self.last_refit = mask_steps
 
     def _health_record(self, step: int) -> dict:
@@ -334,8 +337,9 @@ class Pretrainer:
             # step's checkpoint (a diagnostic is not the place to stop it).
             return record
         record["level2/balanced_accuracy"] = self.health.level2_balanced_accuracy()
-        # Right after a mask step, so every level holds this iteration's batch (also on resume).
-        if self.mask_stepped:
+        # Right after a mask step, so every level holds this iteration's batch (also on resume);
+        # at every other such record (two hypergradients are the diagnostics' largest cost).
+        if self.mask_stepped and self.health.snr_due():
             counts = dict(self.objectives.counts)  # the probe's evaluations are not the run's cost
             snr = self.health.hypergradient_snr(self.mlo.hypergradient_on)
             self.objectives.counts.clear()
@@ -355,7 +359,7 @@ class Pretrainer:
         eval_every = config.eval_every or max(1, self.total_steps // 5)
         checkpoint_every = config.checkpoint_every or eval_every
         log_every = max(1, min(50, self.total_steps // 100))
-        images_per_step = config.pretrain.batch_size
+        images_per_step = config.mae.batch_size
         started = self._started = time.perf_counter()
         window_start, window_steps = started, 0
         title = "MLO pretrain" if self.mlo.is_multilevel else "MAE pretrain"

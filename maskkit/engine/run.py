@@ -20,8 +20,8 @@ from maskkit.config import (
     batch_sizes,
     config_differences,
     config_to_yaml,
-    deep_merge,
     load_run_config,
+    merge_config_layers,
     validate_config,
 )
 from maskkit.data import (
@@ -226,7 +226,7 @@ def resume(
 def _resumed_config(config: RunConfig, overrides: list[dict], run: RunDir) -> RunConfig:
     """The saved config with the allowed ``overrides`` applied; anything else is refused."""
     saved = config.model_dump(mode="json")
-    merged = validate_config(deep_merge(saved, *overrides))
+    merged = validate_config(merge_config_layers(saved, *overrides))
     differing = sorted(config_differences(saved, merged.model_dump(mode="json")))
     refused = [item for item in differing if item.split(" ")[0] not in ADJUSTABLE_ON_RESUME]
     if refused:

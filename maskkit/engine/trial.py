@@ -38,7 +38,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -123,6 +123,17 @@ class ArmSpec:
     inverse: bool = False
 
 
+#: How an arm's learning rate runs over its K steps: ``constant`` at the trial's lr; ``decay``
+#: linearly from it to 0 (step k of K at lr·(1 − k/K)), as a run's schedule ends its training.
+LrSchedule = Literal["constant", "decay"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+
+
+def arm_lr(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of an arm's pretrain step ``step`` (0-based) of ``steps``."""
+    return lr if schedule == "constant" else lr * (1 - step / steps)
+
+
 @dataclass(frozen=True)
 class TrialSettings:
     """What a trial runs: ``forks`` pairs of ``steps`` pretrain steps, A against B."""
@@ -136,6 +147,7 @@ class TrialSettings:
     probe_c: float | None = None
     seed: int = 0
     lr: float | None = None
+    lr_schedule: LrSchedule = "constant"
     prior: str | None = None
     device: str | None = None
 
@@ -148,6 +160,8 @@ class TrialSettings:
             raise ConfigError(f"--probe-c {self.probe_c}: the probe's C must be positive")
         if self.lr is not None and not self.lr >= 0:
             raise ConfigError(f"--lr {self.lr}: the learning rate must be 0 or more")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
 
 
 @dataclass
@@ -297,7 +311,7 @@ def _pretrain_optimizer_state(
     saved = checkpoint.state.get("optimizers", {}).get("pretrain")
     if saved is None:
         return None
-    groups = parameter_groups(mae, config.pretrain.pretrain.weight_decay)
+    groups = parameter_groups(mae, config.pretrain.mae.weight_decay)
     saved_groups = saved["param_groups"][: len(groups)]  # the policy's own groups follow the MAE's
     if len(saved_groups) < len(groups) or any(
         len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups, strict=True)
@@ -352,7 +366,7 @@ def open_trial(settings: TrialSettings, console: Console) -> TrialSetup:
         checkpoint=checkpoint,
         mae_state={key: value.detach().clone() for key, value in mae.state_dict().items()},
         optimizer_state=_pretrain_optimizer_state(checkpoint, mae, config),
-        lr=config.pretrain.pretrain.lr if settings.lr is None else settings.lr,
+        lr=config.pretrain.mae.lr if settings.lr is None else settings.lr,
         arms=arms,
         probe_split=probe_split,
         val_split=splits.eval,
@@ -365,7 +379,7 @@ def _run_pretrain_steps(config: RunConfig, pretrain_images: int) -> int:
     levels = config.pretrain
     if levels.steps is not None:
         return max(1, levels.steps)
-    return max(1, math.ceil(levels.epochs * pretrain_images / levels.pretrain.batch_size))
+    return max(1, math.ceil(levels.epochs * pretrain_images / levels.mae.batch_size))
 
 
 # --- one arm ---------------------------------------------------------------------------------------
@@ -374,7 +388,7 @@ def _run_pretrain_steps(config: RunConfig, pretrain_images: int) -> int:
 def arm_optimizer(setup: TrialSetup, mae: MaskedAutoencoderViT) -> torch.optim.AdamW:
     """The pretrain level's AdamW over ``mae``: the checkpoint's moments when it holds them (a
     copy: every arm starts from the same state), at the trial's constant learning rate."""
-    level = setup.config.pretrain.pretrain
+    level = setup.config.pretrain.mae
     optimizer = adamw(parameter_groups(mae, level.weight_decay), setup.lr, level.weight_decay, level.betas)
     if setup.optimizer_state is not None:
         optimizer.load_state_dict(copy.deepcopy(setup.optimizer_state))
@@ -391,7 +405,7 @@ def train_arm(setup: TrialSetup, arm: Arm, fork: int, settings: TrialSettings) -
     mae = MaskedAutoencoderViT(config.model).to(device)
     mae.load_state_dict(setup.mae_state)
     mae.train()
-    level = config.pretrain.pretrain
+    level = config.pretrain.mae
     optimizer = arm_optimizer(setup, mae)
     arm.policy.load_state_dict(arm.state)
     arm.policy.train()
@@ -407,8 +421,10 @@ def train_arm(setup: TrialSetup, arm: Arm, fork: int, settings: TrialSettings) -
         priors=sorted(arm.policy.requires),
     )
     torch.manual_seed(mask_seed(settings.seed, fork, arm.spec.mask_seed))
-    for _ in range(settings.steps):
+    for step in range(settings.steps):
         batch = batches.next()
+        for group in optimizer.param_groups:
+            group["lr"] = arm_lr(setup.lr, settings.lr_schedule, step, settings.steps)
         optimizer.zero_grad(set_to_none=True)
         with context.autocast():
             loss = masked_reconstruction(
@@ -574,8 +590,9 @@ def run_trial(settings: TrialSettings, console: Console) -> dict[str, Any]:
             "steps": settings.steps,
             "seed": settings.seed,
             "lr": setup.lr,
+            "lr_schedule": settings.lr_schedule,
             "weighting": setup.config.pretrain.weighting,
-            "batch_size": setup.config.pretrain.pretrain.batch_size,
+            "batch_size": setup.config.pretrain.mae.batch_size,
             "augment": setup.config.pretrain.augment,
             "optimizer_state": "checkpoint" if setup.optimizer_state is not None else "fresh",
             "probe": {

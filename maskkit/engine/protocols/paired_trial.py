@@ -54,6 +54,7 @@ def trial_protocol(context: RunContext) -> dict[str, Any]:
         probe_images=config.trial.probe_images,
         seed=config.seed,
         lr=config.trial.lr,
+        lr_schedule=config.trial.lr_schedule,
         device=str(context.device),
     )
     return run_trial(settings, context.console)

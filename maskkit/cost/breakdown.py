@@ -32,8 +32,9 @@ add up to the counter's total exactly.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from .timing import IterationRecord
 
 OPTIMIZER = "optimizer"
 OTHER = "other"
@@ -316,3 +319,16 @@ def make_breakdown(
         time_source=time_source(device),
         parts=parts,
     )
+
+
+def profiled_breakdown(
+    device: torch.device,
+    iterate: Callable[[contextlib.AbstractContextManager | None], IterationRecord],
+    flop_counter: ScopeFlopCounter | None,
+) -> Breakdown:
+    """Run one more iteration (``iterate(around)``) under the profiler and break it down, with
+    the FLOPs of ``flop_counter`` (an earlier iteration's count, or None)."""
+    profiler = time_profiler(device)
+    profiled = iterate(profiler)
+    seconds, calls = attribute_self_times(profiler.events(), device)
+    return make_breakdown(device, profiled.seconds, seconds, calls, flop_counter)

@@ -51,3 +51,8 @@ def format_ratio(value: float | None, digits: int = 2) -> str:
 def format_percent(fraction: float | None) -> str:
     """``0.397`` → ``39.7 %``."""
     return MISSING if fraction is None else f"{100 * fraction:.1f} %"
+
+
+def format_share(part: float | None, total: float | None) -> str:
+    """``part`` as a percentage of ``total`` (``–`` when either is missing or the total is 0)."""
+    return format_percent(part / total) if part is not None and total else MISSING

@@ -1,4 +1,4 @@
-"""What the benchmark ran on, and how busy the machine was: hardware, versions, environment,
+"""What a measurement ran on, and how busy the machine was: hardware, versions, environment,
 load."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from maskkit.runtime import use_bf16
 #: Environment variables that change CPU speed a lot (glibc's malloc thresholds, thread counts, a
 #: preloaded allocator); shown in the header when set.
 ENVIRONMENT_PREFIXES = ("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD", "PYTORCH_", "CUDA_VISIBLE")
-#: Share of the CPU busy before the benchmark above which the script warns.
+#: Share of the CPU busy before a measurement above which it warns (the times would be inflated).
 BUSY_WARNING = 0.2
 
 
