@@ -438,8 +438,8 @@ def trial(
         float | None, typer.Option(help="The arms' pretrain lr (default: the run's base lr).")
     ] = None,
     lr_schedule: Annotated[
-        str, typer.Option(help="The arms' lr over their steps: constant, or decay (linearly to 0).")
-    ] = "constant",
+        str, typer.Option(help="The arms' lr over their steps: decay (linearly to 0) or constant.")
+    ] = "decay",
     prior: Annotated[str | None, typer.Option(help="Prior provider of a policy that reads priors.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N] (default: the run's).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")] = None,

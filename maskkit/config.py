@@ -147,7 +147,7 @@ class LearnedMaskConfig(StrictModel):
     random_warmup: float = Field(0.1, ge=0, lt=1)
     lr_warmup: float = Field(0.1, ge=0, lt=1)
     head_refit_every: int | None = Field(5, gt=0)
-    head_refit_images: int = Field(2048, gt=0)
+    head_refit_images: int = Field(1024, gt=0)
     head_refit_refresh: float = Field(1.0, gt=0, le=1)
 
     @field_validator("temperature")
@@ -330,7 +330,7 @@ class TrialProtocolConfig(StrictModel):
     probe_images: int = Field(2000, gt=1, description="training images of the probe")
     lr: float | None = Field(None, ge=0, description="the arms' lr; default: the run's pretrain lr")
     lr_schedule: Literal["constant", "decay"] = Field(
-        "constant", description="the arms' lr over their steps: constant, or decay linearly to 0"
+        "decay", description="the arms' lr over their steps: decay linearly to 0, or constant"
     )
 
     @model_validator(mode="after")

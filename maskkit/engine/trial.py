@@ -147,7 +147,7 @@ class TrialSettings:
     probe_c: float | None = None
     seed: int = 0
     lr: float | None = None
-    lr_schedule: LrSchedule = "constant"
+    lr_schedule: LrSchedule = "decay"
     prior: str | None = None
     device: str | None = None
 
