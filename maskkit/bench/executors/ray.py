@@ -22,21 +22,17 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 
-import maskkit.bench
 from maskkit.errors import ConfigError
 
 from ..attempt import STOP_GRACE_S
 from ..cells import Cell
-from ..journal import Journal
-from ..runner import Outcome
 from . import ExecutorContext, missing_extra
 from .jobs import CellActor
-from .remote import Ended, Handle, RemotePool, first_line, lost, resumes
+from .remote import Ended, Handle, RemotePoolExecutor, first_line, lost, resumes
 from .settings import RaySettings
 
 #: The most torch threads per process by default (fewer where the largest node has fewer CPUs).
@@ -153,7 +149,7 @@ class RayBackend:
         return ended
 
 
-class RayExecutor:
+class RayExecutor(RemotePoolExecutor):
     """Cells as Ray actors (:class:`RayBackend`) through :class:`~.remote.RemotePool`."""
 
     name = "ray"
@@ -186,12 +182,6 @@ class RayExecutor:
             "threads": self.threads,
             "workers": self.workers,
         }
-
-    def run(self, cells: list[Cell], journal: Journal, announce: Callable[[Outcome], None]) -> list[Outcome]:
-        def make_task(cell: Cell) -> Any:
-            return cell.task(self.threads, maskkit.bench.CELL_CLI, self.nproc)
-
-        return RemotePool(self.backend, make_task, self.workers, journal, self.console).run(cells, announce)
 
 
 def create(context: ExecutorContext) -> RayExecutor:

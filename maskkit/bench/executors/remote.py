@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.markup import escape
 
+import maskkit.bench
 from maskkit.progress import progress_display
 
 from ..attempt import POLL_S, AttemptResult, CellState, CellTask
@@ -174,6 +175,24 @@ class RemotePool:
                     record_end(self.journal, self.backend, handle, ended)
                 raise
         return outcomes
+
+
+class RemotePoolExecutor:
+    """What the Slurm and Ray executors share: their cells run as ``maskkit`` cell commands
+    (:meth:`Cell.task`) through a :class:`RemotePool` over their ``backend``. A subclass sets
+    ``backend``, ``threads``, ``nproc``, ``workers`` and ``console``."""
+
+    backend: Backend
+    threads: int
+    nproc: int | None
+    workers: int
+    console: Console
+
+    def run(self, cells: list[Cell], journal: Journal, announce: Callable[[Outcome], None]) -> list[Outcome]:
+        def make_task(cell: Cell) -> Any:
+            return cell.task(self.threads, maskkit.bench.CELL_CLI, self.nproc)
+
+        return RemotePool(self.backend, make_task, self.workers, journal, self.console).run(cells, announce)
 
 
 def resumes(cell: Cell) -> bool:

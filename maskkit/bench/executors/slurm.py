@@ -22,7 +22,6 @@ import contextlib
 import io
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,14 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-import maskkit.bench
 from maskkit.errors import ConfigError, closest_name
 
 from ..cells import Cell
 from ..journal import Journal, read_journal
 from ..layout import SuiteLayout
-from ..runner import Outcome
 from . import ExecutorContext, missing_extra
 from .jobs import run_slurm_cell
-from .remote import Ended, Handle, RemotePool, first_line, lost, record_end, resumes
+from .remote import Ended, Handle, RemotePoolExecutor, first_line, lost, record_end, resumes
 from .settings import SlurmSettings
 from .submitted import SubmittedJob, SubmittedJobs
 
@@ -214,7 +211,7 @@ def _local_job_alive(pid: str) -> bool:
     return status != "Z" and "submitit" in command
 
 
-class SlurmExecutor:
+class SlurmExecutor(RemotePoolExecutor):
     """Cells as submitit jobs (:class:`SlurmBackend`) through :class:`~.remote.RemotePool`."""
 
     name = "slurm"
@@ -253,12 +250,6 @@ class SlurmExecutor:
             "threads": self.threads,
             "workers": self.workers,
         }
-
-    def run(self, cells: list[Cell], journal: Journal, announce: Callable[[Outcome], None]) -> list[Outcome]:
-        def make_task(cell: Cell) -> Any:
-            return cell.task(self.threads, maskkit.bench.CELL_CLI, self.nproc)
-
-        return RemotePool(self.backend, make_task, self.workers, journal, self.console).run(cells, announce)
 
 
 def create(context: ExecutorContext) -> SlurmExecutor:
