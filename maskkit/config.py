@@ -135,7 +135,8 @@ class LearnedMaskConfig(StrictModel):
       rises linearly from 0.
     - ``head_refit_every``: every this many mask steps, the level-2 head's last layer is refitted
       by a converged class-balanced logistic regression (its best response) on E's features of
-      a fixed subset of ``head_refit_images`` images of the finetune split; None never refits.
+      a fixed subset of ``head_refit_images`` images of the finetune split that keeps every
+      class up to a common cap (:func:`maskkit.data.class_capped_subset`); None never refits.
       The features are kept between refits, and each refit recomputes a rotating share
       ``head_refit_refresh`` of them (:class:`maskkit.engine.head_refit.RefitFeatures`).
     """
@@ -147,7 +148,7 @@ class LearnedMaskConfig(StrictModel):
     random_warmup: float = Field(0.1, ge=0, lt=1)
     lr_warmup: float = Field(0.1, ge=0, lt=1)
     head_refit_every: int | None = Field(5, gt=0)
-    head_refit_images: int = Field(1024, gt=0)
+    head_refit_images: int = Field(512, gt=0)
     head_refit_refresh: float = Field(1.0, gt=0, le=1)
 
     @field_validator("temperature")

@@ -95,6 +95,15 @@ def test_a_bad_suite_file_is_one_line_and_exit_2_in_a_real_process(tmp_path):
             {"policies": [{"policy": "none", "policy_options": {"x": 1}}]},
             ["'none' (no pretraining) takes no"],
         ),
+        (
+            {"policies": [{"policy": "mlo", "config": {"model": {"depth": 2}}}]},
+            ["policies[mlo].config sets model", "every cell of a seed shares"],
+        ),
+        ({"policies": [{"policy": "mlo", "config": {"seed": 3}}]}, ["policies[mlo].config sets seed"]),
+        (
+            {"policies": [{"policy": "mlo", "config": {"pretrain": {"weightin": "reference"}}}]},
+            ["cell dermamnist/mlo/seed-0", "pretrain.weightin: unknown key"],
+        ),
     ],
 )
 def test_every_problem_of_a_suite_is_one_line_before_anything_runs(
@@ -156,6 +165,29 @@ def test_the_grid_gives_every_cell_the_same_budget(tmp_path):
     # A dataset's own overrides reach its cells only (the smoke preset's subset is 256).
     assert by_key["dermamnist/random/seed-0"].data.subset == 32
     assert by_key["folder/random/seed-0"].data.subset == 256
+
+
+def test_a_policy_entry_s_config_reaches_its_own_cells_only(tmp_path):
+    suite = {
+        **GRID,
+        "policies": [
+            "random",
+            "mlo",
+            {
+                "name": "mlo-paper-weighting",
+                "policy": "mlo",
+                "config": {"pretrain": {"weighting": "reference"}},
+            },
+        ],
+    }
+    cells = expand_grid(load_suite(_suite_file(tmp_path, suite)), SuiteLayout(tmp_path / "out"), tmp_path)
+    weighting = {cell.key: cell.config.pretrain.weighting for cell in cells}
+    assert weighting["dermamnist/mlo-paper-weighting/seed-1"] == "reference"
+    assert weighting["dermamnist/mlo/seed-1"] == weighting["dermamnist/random/seed-1"] == "tempered"
+    by_key = {cell.key: cell.config for cell in cells}
+    # The suite's and the dataset's overrides still reach it, under its own.
+    overridden = by_key["dermamnist/mlo-paper-weighting/seed-0"]
+    assert (overridden.pretrain.steps, overridden.data.subset) == (3, 32)
 
 
 def test_only_selects_cells(tmp_path):

@@ -375,9 +375,11 @@ def test_the_learned_mask_work_is_amortised_by_the_engine_s_schedule() -> None:
     schedule = run_schedule(config, 329)
     assert schedule["iterations"] == 164  # mask steps
     assert schedule["refits"] == 32  # every 5 mask steps
-    # Every 13 pretrain steps and at the last one, plus step 0; the SNR probe at every other record
+    # Every 13 pretrain steps and at the last one, plus step 0; the level-2 balanced accuracy at
+    # every other record (steps 0, 26, …, 312) and the last; the SNR probe at every other record
     # after a mask step (12 of them: the even multiples of 13).
     assert schedule["health_records"] == 1 + 25 + 1
+    assert schedule["level2_records"] == 13 + 1
     assert schedule["snr_probes"] == 6
     paper = make_config(parse_args(["--preset", "paper"]), "mlo").pretrain
     assert run_schedule(paper, 329)["refits"] == 0

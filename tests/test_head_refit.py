@@ -1,19 +1,21 @@
 """The level-2 head's refit: a class-balanced best response on E's features of a fixed subset,
 refreshed a rotating share at a time; and the cheaper diagnostics keep what they measure (a
-class-capped subset for the balanced accuracy, the hypergradient probe at every other chance)."""
+class-capped subset for the balanced accuracy at every other record, the hypergradient probe
+inside the mask step at every other chance)."""
 
 from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from helpers import quiet_context, synthetic_dataset, tiny_config
 from sklearn.metrics import balanced_accuracy_score
 
 import maskkit.engine.pretrain as pretrain_module
-from maskkit.data import ImageSplit
+from maskkit.data import ImageSplit, class_capped_subset
 from maskkit.engine.head_refit import ABSENT_CLASS_BIAS, RefitFeatures, refit_head
-from maskkit.engine.mask_health import MaskHealth, class_capped_subset
+from maskkit.engine.mask_health import MaskHealth, cosine
 from maskkit.engine.pretrain import Pretrainer
 from maskkit.engine.run import build_models
 from maskkit.models import ClassifierHead
@@ -56,6 +58,11 @@ def test_the_refit_features_refresh_a_rotating_window_and_survive_a_round_trip(t
     copy = RefitFeatures(split, refresh=0.3)
     copy.load_state_dict(cache.state_dict())
     assert torch.equal(copy.values, cache.values) and copy.next_row == cache.next_row == 2
+    # Features saved for other images (a subset drawn another way) are not taken back.
+    other = RefitFeatures(_split(10, torch.Generator().manual_seed(1)), refresh=0.3)
+    other.load_state_dict(cache.state_dict())
+    assert other.values is None and other.next_row == 0
+    assert other.update(mae, *stats, autocast)[0].shape == (10, config.model.embed_dim)  # all rows
 
 
 def _skewed_features(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +120,7 @@ def _pretrainer(tmp_path, **learned_mask) -> Pretrainer:
 
 
 def test_the_run_refits_the_head_every_n_mask_steps_on_fresh_features(tmp_path, monkeypatch):
-    pretrainer = _pretrainer(tmp_path, head_refit_every=2, head_refit_images=20, head_refit_refresh=0.5)
+    pretrainer = _pretrainer(tmp_path, head_refit_every=2, head_refit_images=18, head_refit_refresh=0.5)
     refits: list[tuple[int, torch.Tensor]] = []
     real_refit = pretrain_module.refit_head
 
@@ -122,28 +129,84 @@ def test_the_run_refits_the_head_every_n_mask_steps_on_fresh_features(tmp_path, 
         real_refit(head, features, labels, optimizer)
 
     monkeypatch.setattr(pretrain_module, "refit_head", recording_refit)
+    finetune = pretrainer.context.splits.finetune
+    assert pretrainer.refit_features is not None and len(finetune) > 18
+    expected = class_capped_subset(finetune, 18, pretrainer.context.config.seed)
+    assert torch.equal(pretrainer.refit_features.split.images, expected.images)  # the small classes kept
     for step in range(1, 7):
         pretrainer.step(step)
     assert [count for count, _ in refits] == [2, 4, 6]
-    assert all(features.shape[0] == 20 for _, features in refits)
+    assert all(features.shape[0] == 18 for _, features in refits)
     # Half the rows are recomputed at each refit after the first, the other half kept.
     moved = [(refits[i + 1][1] != refits[i][1]).any(1) for i in range(2)]
-    assert [int(rows.sum()) for rows in moved] == [10, 10]
+    assert [int(rows.sum()) for rows in moved] == [9, 9]
     assert torch.equal(moved[0], ~moved[1])
     state = pretrainer.training_state(6)
     assert torch.equal(state["refit_features"]["values"], refits[-1][1])
 
 
-def test_the_snr_probe_runs_at_every_other_record_after_a_mask_step(tmp_path):
+def test_the_snr_probe_compares_a_mask_step_s_hypergradient_with_the_fixed_batch_s_before_t_moves(
+    tmp_path,
+):
     pretrainer = _pretrainer(tmp_path, head_refit_every=None)
     health = pretrainer.health
-    assert isinstance(health, MaskHealth)
-    assert [health.snr_due() for _ in range(5)] == [True, False, True, False, True]
-    state = health.state_dict()
-    health.snr_chances = 0
-    health.load_state_dict(state)
-    assert health.snr_due() is False
-    assert len(health.level2_split) == len(pretrainer.context.splits.mask_val)  # small: all of it
+    assert isinstance(health, MaskHealth) and health.snr_batch is not None
+    policy_parameters = [p for p in pretrainer.policy.parameters() if p.requires_grad]
+    seen: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    real_agreement = health.hypergradient_agreement
+
+    def recording_agreement(step_hypergradient, hypergradient_on):
+        at_call = [p.detach().clone() for p in policy_parameters]
+        seen.append(([g.clone() for g in step_hypergradient], at_call))
+        return real_agreement(step_hypergradient, hypergradient_on)
+
+    health.hypergradient_agreement = recording_agreement
+    pretrainer.step(1)
+    assert not seen  # no probe asked for
+    before = [p.detach().clone() for p in policy_parameters]
+    pretrainer.step(2, probe=True)
+    assert pretrainer.mask_stepped and len(seen) == 1
+    step_hypergradient, at_probe = seen[0]
+    # Taken inside the step, before T moved, with the hypergradient the step then applied.
+    assert all(torch.equal(a, b) for a, b in zip(at_probe, before, strict=True))
+    assert any(not torch.equal(p, b) for p, b in zip(policy_parameters, before, strict=True))
+    last = pretrainer.mlo.levels["mask"].last_hypergradient
+    assert all(torch.equal(a, b) for a, b in zip(step_hypergradient, last, strict=True))
+    # The value is the cosine with the fixed batch's hypergradient at those parameters.
+    with torch.no_grad():
+        for parameter, value in zip(policy_parameters, before, strict=True):
+            parameter.copy_(value)
+    fixed = pretrainer.mlo.hypergradient_on(health.snr_batch)
+    assert pretrainer.pending_snr == pytest.approx(cosine(step_hypergradient, fixed), abs=1e-6)
+    assert -1.0 < pretrainer.pending_snr < 0.999
+
+
+def test_the_snr_probe_leaves_training_as_it_was(tmp_path):
+    def parameters_after(probe: bool, path) -> list[torch.Tensor]:
+        pretrainer = _pretrainer(path, head_refit_every=None)
+        for step in range(1, 4):
+            pretrainer.step(step, probe=probe and step == 2)
+        return [p.detach().clone() for p in pretrainer.modules()["mae"].parameters()] + [
+            p.detach().clone() for p in pretrainer.policy.parameters()
+        ]
+
+    plain, probed = parameters_after(False, tmp_path / "plain"), parameters_after(True, tmp_path / "probed")
+    assert all(torch.equal(a, b) for a, b in zip(plain, probed, strict=True))
+
+
+def test_the_costly_diagnostics_run_at_every_other_chance(tmp_path, monkeypatch):
+    pretrainer = _pretrainer(tmp_path, head_refit_every=None)  # 6 steps: a record after each
+    records: list[dict] = []
+    monkeypatch.setattr(pretrainer.context.run, "log", lambda record: records.append(dict(record)))
+    pretrainer.run()
+    health = [r for r in records if "mask/logit_abs_max" in r]
+    assert [r["step"] for r in health] == list(range(7))
+    assert [r["step"] for r in health if "level2/balanced_accuracy" in r] == [0, 2, 4, 6]
+    # A mask step follows every pretrain step (unroll 1): the probe at the first chance, the third, …
+    assert [r["step"] for r in health if "hypergradient/snr" in r] == [1, 3, 5]
+    state = pretrainer.health.state_dict()
+    assert state["snr_chances"] == 6
+    assert MaskHealth.level2_due(3, last=True) and not MaskHealth.level2_due(3, last=False)
 
 
 def test_a_checkpoint_restores_the_refit_features(tmp_path):

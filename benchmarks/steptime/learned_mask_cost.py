@@ -11,9 +11,9 @@ The work ``pretrain.learned_mask`` and the mask-health diagnostics add to stage 
   rotating window (``head_refit_refresh`` of its ``head_refit_images`` images; all of them at the
   first refit, which is timed apart) and a logistic regression fitted to the whole subset's;
 - **the diagnostics**: every ``max(1, T // 25)`` pretrain steps (and at step 0) the mask figures
-  on the fixed batch and the level-2 head's balanced accuracy on a class-capped subset of the mask
-  split; at every other one of them that follows a mask step, the SNR probe (two more
-  hypergradients).
+  on the fixed batch; at every other one of these records (and the last) the level-2 head's
+  balanced accuracy on a class-capped subset of the mask split; at every other record that
+  follows a mask step, the SNR probe (one more hypergradient, inside that step).
 
 Each part is timed ``repeats`` times after the timed iterations (the median counts) and amortised
 over a run of ``T`` pretrain steps, ``T`` from the config's epochs over the synthetic pretrain
@@ -35,6 +35,7 @@ import torch
 from maskkit.config import PretrainConfig
 from maskkit.cost.timing import synchronize
 from maskkit.engine.head_refit import refit_head
+from maskkit.engine.mask_health import MaskHealth
 from maskkit.engine.objectives import mask_batch
 from maskkit.engine.policy_calls import checked_decision
 from maskkit.engine.pretrain import Pretrainer
@@ -68,8 +69,10 @@ def _median_seconds(work: Callable[[], object], repeats: int, device: torch.devi
 def run_schedule(config: PretrainConfig, total_steps: int) -> dict[str, int]:
     """How often a run of ``total_steps`` pretrain steps with the stage-1 ``config`` runs each
     part, by the engine's rules: ``iterations`` (mask steps), ``refits``, ``health_records``
-    (step 0 included) and ``snr_probes`` (every other record right after a mask step, the first
-    included: :meth:`maskkit.engine.mask_health.MaskHealth.snr_due`)."""
+    (step 0 included), ``level2_records`` (every other record and the last:
+    :meth:`maskkit.engine.mask_health.MaskHealth.level2_due`) and ``snr_probes`` (every other
+    record right after a mask step, the first included:
+    :meth:`maskkit.engine.mask_health.MaskHealth.probe_at_next_chance`)."""
     per_mask_step = config.mae.unroll_steps * config.head.unroll_steps * config.mask.unroll_steps
     every = max(1, total_steps // 25)
     records = [step for step in range(1, total_steps + 1) if step % every == 0 or step == total_steps]
@@ -80,6 +83,9 @@ def run_schedule(config: PretrainConfig, total_steps: int) -> dict[str, int]:
         "iterations": mask_steps,
         "refits": mask_steps // refit_every if refit_every else 0,
         "health_records": 1 + len(records),
+        "level2_records": sum(
+            MaskHealth.level2_due(step // every, step == total_steps) for step in [0, *records]
+        ),
         "snr_probes": (sum(1 for step in records if step % per_mask_step == 0) + 1) // 2,
     }
 
@@ -177,15 +183,16 @@ def learned_mask_costs(
         }
         parts["level-2 balanced accuracy (mask split)"] = {
             "seconds": _median_seconds(health.level2_balanced_accuracy, repeats, device),
-            "per_iteration_calls": records,
+            "per_iteration_calls": schedule["level2_records"] / iterations,
         }
-        if health.snr_batches:
+        last = pretrainer.mlo.levels["mask"].last_hypergradient
+        if health.snr_batch is not None and last is not None:
             counts = dict(pretrainer.objectives.counts)
 
             def snr() -> None:
-                health.hypergradient_snr(pretrainer.mlo.hypergradient_on)
+                health.hypergradient_agreement(last, pretrainer.mlo.hypergradient_on)
 
-            parts["SNR probe (two hypergradients)"] = {
+            parts["SNR probe (one more hypergradient)"] = {
                 "seconds": _median_seconds(snr, repeats, device),
                 "per_iteration_calls": schedule["snr_probes"] / iterations,
             }

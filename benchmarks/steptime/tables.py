@@ -98,6 +98,7 @@ def learned_mask_table(row: dict[str, Any], show_setting: bool = False) -> TextT
         f"Per call: the median of {costs['repeats']} timings after the timed iterations. Amortised over "
         f"a run of {schedule['total_steps']} pretrain steps ({schedule['iterations']} MLO iterations, "
         f"{schedule['refits']} head refits, {schedule['health_records']} health records, "
+        f"{schedule['level2_records']} of them with the level-2 balanced accuracy, "
         f"{schedule['snr_probes']} SNR probes); the median iteration ({format_seconds(median)}) "
         "contains the decisions and, in its mean, the refits. A part in brackets is included in "
         "the one above it, not added to the total."

@@ -196,7 +196,9 @@ def expand_grid(suite: Suite, layout: SuiteLayout, data_dir: Path | None = None)
                 key = f"{dataset.label}/{policy.label}/seed-{seed}"
                 try:
                     overrides, requires = _cell_overrides(suite, dataset, policy, seed, root)
-                    config = build_config(suite.preset, overrides=[suite.config, dataset.config, overrides])
+                    config = build_config(
+                        suite.preset, overrides=[suite.config, dataset.config, policy.config, overrides]
+                    )
                     check_prior_choice(config, requires)
                 except MaskkitError as error:
                     raise ConfigError(f"cell {key}: {error}") from None

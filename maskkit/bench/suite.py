@@ -41,6 +41,8 @@ GRID_KEYS = (
     "data.data_dir",
 )
 KEYS_HINT = "docs/bench.md lists the keys of a suite file"
+#: Config sections a policy entry may not override: the cells of a seed share them.
+PAIRED_SECTIONS = ("model", "data")
 
 
 class DatasetEntry(StrictModel):
@@ -66,14 +68,18 @@ class DatasetEntry(StrictModel):
 
 
 class PolicyEntry(StrictModel):
-    """One policy of the grid: a policy name (or ``none``), its options, and the prior provider a
-    guided policy reads (default: the dataset's, else the suite's)."""
+    """One policy of the grid: a policy name (or ``none``), its options, the prior provider a
+    guided policy reads (default: the dataset's, else the suite's), and ``config``: overrides
+    for this policy's cells only (for example ``pretrain.weighting``), merged over the suite's and
+    the dataset's. It may not change ``model`` or ``data``: the cells of a seed start from the
+    same encoder, head and images, which is what makes the comparison paired."""
 
     name: str | None = Field(None, pattern=LABEL_PATTERN, description="label; default: the policy")
     policy: str
     policy_options: dict[str, Any] = Field(default_factory=dict)
     prior: str | None = None
     prior_options: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -190,4 +196,14 @@ def load_suite(path: Path) -> Suite:
     _grid_keys_in(suite.config, f"suite file {path}: config")
     for entry in suite.datasets:
         _grid_keys_in(entry.config, f"suite file {path}: datasets[{entry.label}].config")
+    for policy in suite.policies:
+        where = f"suite file {path}: policies[{policy.label}].config"
+        _grid_keys_in(policy.config, where)
+        shared = sorted(key for key in PAIRED_SECTIONS if key in policy.config)
+        if shared:
+            raise ConfigError(
+                f"{where} sets {', '.join(shared)}, which every cell of a seed shares (the paired "
+                "comparison needs the same encoder, head and images); set it in the suite's "
+                "`config` or a dataset's"
+            )
     return suite

@@ -12,6 +12,7 @@ from .batches import Augment, Batch, DeviceBatches, crop_flip, cutout, iterate_e
 from .locations import DATA_DIR_ENV, default_data_dir
 from .registry import dataset_names, load_dataset
 from .splits import MaskSource, MLOSplits, make_splits
+from .subsets import class_capped_subset
 from .types import ImageSplit, LabelledDataset, limit_dataset
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "LabelledDataset",
     "MLOSplits",
     "MaskSource",
+    "class_capped_subset",
     "crop_flip",
     "cutout",
     "dataset_names",

@@ -163,6 +163,8 @@ class _Level(ImplicitProblem):
         self.last_path_hypergradients: dict[str, list[Tensor]] = {}
         # Norms of the latest hypergradient ("total") and of the latest split one's paths.
         self.hypergradient_norms: dict[str, float] = {}
+        # Called once with the next hypergradient before it is applied (for diagnostics).
+        self.next_hypergradient_hook: Callable[[list[Tensor]], None] | None = None
 
     # --- defect (a): the unroll assertion -------------------------------------------------
     def initialize(self, engine_config: EngineConfig) -> None:
@@ -233,6 +235,9 @@ class _Level(ImplicitProblem):
         implicit, parts = hypergradient(self, paths, seeds, per_path=self.split_next_hypergradient)
         self.last_hypergradient = [g.detach().clone() for g in implicit]
         self.hypergradient_norms["total"] = _norm(implicit)
+        hook, self.next_hypergradient_hook = self.next_hypergradient_hook, None
+        if hook is not None:  # every level still stands where this hypergradient was taken
+            hook(self.last_hypergradient)
         if parts:
             self.last_path_hypergradients = parts
             self.hypergradient_norms.update({name: _norm(part) for name, part in parts.items()})
@@ -339,10 +344,19 @@ class MultiLevelOptimizer:
         from the latest split one (empty before the first)."""
         return dict(self.levels["mask"].hypergradient_norms) if self.is_multilevel else {}
 
+    def inspect_next_hypergradient(self, hook: Callable[[list[Tensor]], None] | None) -> None:
+        """Call ``hook`` with the mask level's next hypergradient (detached, one tensor per
+        parameter), inside its step, before the optimiser applies it, so that every level's
+        parameters and batches are still those it was taken at; ``None`` withdraws a request the
+        step did not use."""
+        if self.is_multilevel:
+            self.levels["mask"].next_hypergradient_hook = hook
+
     def hypergradient_on(self, batch: tuple) -> list[Tensor]:
         """The mask level's hypergradient with its loss on ``batch`` instead of its own, at the
         current parameters and the lower levels' latest batches; nothing is stepped or stored
-        (``hypergradient/snr`` compares two of them)."""
+        (``hypergradient/snr`` compares one with the step's own, from inside the step:
+        :meth:`inspect_next_hypergradient`)."""
         mask = self.levels["mask"]
         _, seeds = mask.gradients_and_seeds(mask.training_step(batch), [], mask.paths)
         total, _ = hypergradient(mask, mask.paths, seeds)

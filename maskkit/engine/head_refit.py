@@ -9,6 +9,11 @@ features of a fixed subset of the finetune split (``head_refit_images`` images, 
 augmentation; the head's LayerNorm applied, as the head sees them); the head's optimiser forgets
 that layer's moments. The head's own steps go on between refits.
 
+The subset keeps the small classes (:func:`maskkit.data.class_capped_subset`: every class up to
+one common cap): a class-balanced probe is only as good as its smallest classes' samples, and a
+random subset of DermaMNIST's finetune split holds about 12 images of its smallest class per
+1024, the capped one all 66 of them in 512.
+
 E's features of the subset are most of a refit's cost, so :class:`RefitFeatures` keeps them and
 recomputes a rotating share ``head_refit_refresh`` of them at each refit (all of them at the
 first): with a share of 1/4, each feature is at most 4 refits old.
@@ -16,6 +21,7 @@ first): with a share of 1/4, each feature is at most 4 refits old.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,18 +38,13 @@ from maskkit.models import ClassifierHead, MaskedAutoencoderViT
 
 #: Logit bias given to a class absent from the refit's features (it is then never predicted).
 ABSENT_CLASS_BIAS = -10.0
-#: The probe's inverse regularisation (chosen on the mask split of a `cpu`-preset run, 2026-12-06:
-#: C = 0.1 gave its best balanced cross-entropy and balanced accuracy of 0.01…1) and iteration cap.
-REFIT_C = 0.1
+#: The probe's inverse regularisation and iteration cap. C was chosen by the balanced
+#: cross-entropy on the class-capped 512 mask-split images of the level-2 diagnostic, with the
+#: features of the end of stage 1 of a `cpu`-preset `mlo` run (seed 2), C from 0.03 to 3
+#: (2026-12-06): C = 1 on the class-capped 512 refit images (C = 0.1 had been best on 2048 random
+#: ones, whose small classes hold a few images each). docs/mlo.md has the table.
+REFIT_C = 1.0
 REFIT_MAX_ITER = 500
-
-
-def refit_subset(split: ImageSplit, size: int, seed: int) -> ImageSplit:
-    """A fixed random subset of ``split`` of at most ``size`` images (the same at every refit)."""
-    if len(split) <= size:
-        return split
-    generator = torch.Generator().manual_seed(seed)
-    return split.subset(torch.randperm(len(split), generator=generator)[:size].sort().values)
 
 
 class RefitFeatures:
@@ -58,6 +59,7 @@ class RefitFeatures:
         self.window = max(1, math.ceil(refresh * len(split)))
         self.values: Tensor | None = None  # [N, D] float32, on the CPU
         self.next_row = 0
+        self.fingerprint = _fingerprint(split)
 
     @torch.no_grad()
     def update(
@@ -94,10 +96,22 @@ class RefitFeatures:
 
     def state_dict(self) -> dict:
         values = None if self.values is None else self.values.clone()
-        return {"values": values, "next_row": self.next_row}
+        return {"values": values, "next_row": self.next_row, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take saved features back, unless they are of other images (a run saved before the
+        subset kept the small classes): then every row is computed afresh at the next refit."""
+        if state.get("fingerprint") != self.fingerprint:
+            self.values, self.next_row = None, 0
+            return
         self.values, self.next_row = state["values"], state["next_row"]
+
+
+def _fingerprint(split: ImageSplit) -> str:
+    """A digest of ``split``'s images and labels, which names the rows saved features belong to."""
+    digest = hashlib.sha1(split.images.cpu().contiguous().numpy().tobytes())
+    digest.update(split.labels.cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def balanced_probe_weights(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple:

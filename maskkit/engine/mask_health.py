@@ -12,15 +12,19 @@ the deterministic top-k) on a fixed batch of the val split and logs:
   start of stage 1 (0: the mask never moved);
 - ``mask/image_dependence``: the share of the scores' variance that lies between images at the
   same position (0: one mask for every image);
-- ``hypergradient/snr``: the cosine between the mask level's hypergradients on two fixed,
-  disjoint mask-split batches at the same parameters (near 0: the direction is noise);
+- ``hypergradient/snr``: the cosine between the mask level's hypergradient of a mask step (on
+  the step's own batch) and its hypergradient on a fixed batch of the mask split, taken inside
+  that step before T is updated, so both stand at the same parameters (near 0: the direction
+  is noise);
 - ``level2/balanced_accuracy``: the level-2 head's balanced accuracy on a fixed subset of at most
   :data:`LEVEL2_IMAGES` images of the mask split that keeps every class's images up to a common
-  cap (:func:`class_capped_subset`): a balanced accuracy's noise comes from its smallest classes,
+  cap (:func:`maskkit.data.class_capped_subset`): a balanced accuracy's noise comes from its smallest classes,
   which the cap keeps whole, while the majority class, which costs most of the time, is cut.
 
-The hypergradient probe costs two hypergradients, so it runs at every other record that follows
-a mask step (:meth:`MaskHealth.snr_due`).
+The mask figures are cheap and come at every record. The other two are the diagnostics' cost
+(E's features of the subset; one more hypergradient), so each comes at every other chance: the
+balanced accuracy at every other record and at the last (:meth:`MaskHealth.level2_due`), the
+probe at every other record that follows a mask step (:meth:`MaskHealth.probe_at_next_chance`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from torch import Tensor
 
-from maskkit.data import Batch, ImageSplit, iterate_eval
+from maskkit.data import Batch, ImageSplit, class_capped_subset, iterate_eval
+from maskkit.distributed import rank, world_size
 from maskkit.engine.objectives import decide
 from maskkit.models import ClassifierHead, MaskedAutoencoderViT
 from maskkit.policy import MaskPolicy
@@ -43,30 +48,6 @@ SATURATION_TOLERANCE = 1e-3
 FIXED_IMAGES = 128
 #: Most images of the mask split the level-2 head's balanced accuracy is taken on.
 LEVEL2_IMAGES = 512
-
-
-def class_capped_subset(split: ImageSplit, size: int, seed: int) -> ImageSplit:
-    """A fixed subset of at most ``size`` images of ``split``: every class keeps its images up to
-    one common cap (the largest that fits ``size``; a class with fewer keeps all of its own),
-    drawn at random by ``seed``, in the split's order. The whole split when it has ``size`` or
-    fewer images."""
-    if len(split) <= size:
-        return split
-    labels = split.labels.cpu()
-    counts = sorted(int(n) for n in torch.bincount(labels) if n)
-    cap, left, classes = 0, size, len(counts)
-    for count in counts:  # water-filling: the small classes whole, the rest share what is left
-        if count * classes <= left:
-            cap, left, classes = count, left - count, classes - 1
-        else:
-            cap = left // classes
-            break
-    generator = torch.Generator().manual_seed(seed)
-    keep = []
-    for label in labels.unique():
-        members = torch.nonzero(labels == label).flatten()
-        keep.append(members[torch.randperm(len(members), generator=generator)[:cap]])
-    return split.subset(torch.cat(keep).sort().values)
 
 
 def saturated_share(probabilities: Tensor) -> float:
@@ -111,6 +92,13 @@ def _first_batches(split: ImageSplit, size: int, count: int, device, mean, std, 
     return batches
 
 
+def _slice(batch: Batch, index: int, count: int) -> Batch:
+    """The ``index``-th of ``count`` equal consecutive slices of ``batch``."""
+    rows = slice(index * len(batch.labels) // count, (index + 1) * len(batch.labels) // count)
+    priors = {name: values[rows] for name, values in batch.priors.items()}
+    return Batch(batch.images[rows], batch.labels[rows], priors)
+
+
 class MaskHealth:
     """The diagnostics above for one run (see the module docstring)."""
 
@@ -137,11 +125,13 @@ class MaskHealth:
         priors = sorted(policy.requires)
         fixed = _first_batches(eval_split, FIXED_IMAGES, 1, self.device, mean, std, priors)
         self.fixed: Batch | None = fixed[0] if fixed else None
-        # Two disjoint batches of the mask split for the hypergradient's agreement (half the split
-        # each when it holds fewer than two of the level's batches).
-        size = max(1, min(mask_batch_size, len(mask_split) // 2))
-        pair = _first_batches(mask_split, size, 2, self.device, mean, std, priors)
-        self.snr_batches: list[Batch] = pair if len(pair) == 2 else []
+        # A fixed batch of the mask split, the hypergradient's agreement is taken against: the
+        # global batch's first images, this process's equal slice of them (the probe averages the
+        # slices' hypergradients across processes, as the mask level's own step does).
+        processes, size = world_size(), min(mask_batch_size, len(mask_split))
+        size -= size % processes
+        probe = _first_batches(mask_split, size, 1, self.device, mean, std, priors) if size else []
+        self.snr_batch: Batch | None = _slice(probe[0], rank(), processes) if probe else None
         self.initial_masks: Tensor | None = None
         self.snr_chances = 0  # records that followed a mask step: the probe runs at every other
 
@@ -176,11 +166,20 @@ class MaskHealth:
         self.initial_masks = state.get("initial_masks")
         self.snr_chances = state.get("snr_chances", 0)
 
-    def snr_due(self) -> bool:
-        """Called at each record that follows a mask step: whether the hypergradient probe runs
-        there (the first such record, the third, …)."""
+    def probe_at_next_chance(self) -> bool:
+        """Whether the hypergradient probe runs at the next record that follows a mask step (the
+        first such record, the third, …; :meth:`count_chance` counts them)."""
+        return self.snr_batch is not None and self.snr_chances % 2 == 0
+
+    def count_chance(self) -> None:
+        """A record followed a mask step."""
         self.snr_chances += 1
-        return self.snr_chances % 2 == 1
+
+    @staticmethod
+    def level2_due(record: int, last: bool) -> bool:
+        """Whether the ``record``-th record (0 at the start of stage 1) takes the level-2 head's
+        balanced accuracy: every other one, and the ``last``."""
+        return record % 2 == 0 or last
 
     def mask_figures(self) -> dict[str, float]:
         """The mask's saturation, largest score, turnover and image dependence."""
@@ -218,11 +217,13 @@ class MaskHealth:
             return float("nan")
         return float(balanced_accuracy_score(torch.cat(labels).numpy(), torch.cat(predictions).numpy()))
 
-    def hypergradient_snr(self, hypergradient_on: Callable[[Batch], list[Tensor]]) -> float | None:
-        """Cosine between the hypergradients ``hypergradient_on`` gives on the two fixed batches,
-        without touching the training RNG stream."""
-        if not self.snr_batches:
+    def hypergradient_agreement(
+        self, step_hypergradient: Sequence[Tensor], hypergradient_on: Callable[[Batch], list[Tensor]]
+    ) -> float | None:
+        """Cosine between a mask step's own hypergradient and the one ``hypergradient_on`` gives
+        on the fixed batch at the same parameters, without touching the training RNG stream."""
+        if self.snr_batch is None:
             return None
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            first, second = (hypergradient_on(batch) for batch in self.snr_batches)
-        return cosine(first, second)
+            fixed = hypergradient_on(self.snr_batch)
+        return cosine(step_hypergradient, fixed)

@@ -20,14 +20,14 @@ import torch
 from torch.autograd.profiler import record_function
 
 from maskkit.checkpoint import Checkpoint
-from maskkit.data import DeviceBatches
+from maskkit.data import DeviceBatches, class_capped_subset
 from maskkit.distributed import gather_rows, mean_of, rank, restore_rng_state, world_size
 from maskkit.engine.betty_glue import FunctionalLoss, LevelSpec, MultiLevelOptimizer
 from maskkit.engine.class_weights import class_balanced_weights
 from maskkit.engine.compiled import step_passes
 from maskkit.engine.context import RunContext
 from maskkit.engine.diagnostics import global_batch, mask_statistics, split_mask_statistics
-from maskkit.engine.head_refit import RefitFeatures, refit_head, refit_subset
+from maskkit.engine.head_refit import RefitFeatures, refit_head
 from maskkit.engine.mask_health import MaskHealth
 from maskkit.engine.objectives import MLOObjectives
 from maskkit.engine.optim import adamw_from_config, cosine_schedule, parameter_groups
@@ -134,16 +134,18 @@ class Pretrainer:
                 context.mean,
                 context.std,
                 context.autocast,
-                max(1, config.pretrain.mask.batch_size // world_size()),
+                config.pretrain.mask.batch_size,
                 config.seed,
             )
             learned = config.pretrain.learned_mask
             if learned.head_refit_every is not None:
-                subset = refit_subset(context.splits.finetune, learned.head_refit_images, config.seed)
+                subset = class_capped_subset(context.splits.finetune, learned.head_refit_images, config.seed)
                 self.refit_features = RefitFeatures(subset, learned.head_refit_refresh)
         self.best_accuracy: float | None = None
         self.evaluations: list[dict] = []
         self.last_health: dict = {}  # the latest health record (mask_health.py)
+        self.diagnostics_every = max(1, self.total_steps // 25)  # pretrain steps between records
+        self.pending_snr: float | None = None  # the latest step's hypergradient probe, to log
         self.start_step = 0
         self.seconds_before = 0.0
         self._started = time.perf_counter()
@@ -298,14 +300,37 @@ class Pretrainer:
         self.context.save_checkpoint(step, self.modules(), self.training_state(step), pointers)
 
     # --- the loop ----------------------------------------------------------------------------
-    def step(self, step: int) -> None:
+    def step(self, step: int, probe: bool = False) -> None:
         """Pretrain step ``step`` (1-based) and whatever upper-level steps follow it; the policy
-        learns first where training stands (:meth:`MaskPolicy.set_progress`)."""
+        learns first where training stands (:meth:`MaskPolicy.set_progress`). With ``probe``, a
+        mask step taken now also measures its hypergradient's agreement
+        (:meth:`_probe_hypergradient`)."""
         checked_set_progress(self.policy, step, self.total_steps)
         mask_steps = self.mlo.levels["mask"].count if self.mlo.is_multilevel else 0
-        self.mlo.step(step)
+        self.mlo.inspect_next_hypergradient(self._probe_hypergradient if probe else None)
+        try:
+            self.mlo.step(step)
+        finally:
+            self.mlo.inspect_next_hypergradient(None)  # the mask level did not step: withdrawn
         self.mask_stepped = self.mlo.is_multilevel and self.mlo.levels["mask"].count > mask_steps
         self._refit_head_when_due()
+
+    def record_due(self, step: int) -> bool:
+        """Whether the mask-health record is taken after pretrain step ``step``."""
+        return step % self.diagnostics_every == 0 or step == self.total_steps
+
+    def _probe_hypergradient(self, step_hypergradient: list[torch.Tensor]) -> None:
+        """Inside a mask step, before T moves: how far its hypergradient agrees with the one on
+        the health's fixed batch (``hypergradient/snr``; one more hypergradient, which is not the
+        run's cost in the evaluation counts)."""
+        assert self.health is not None
+        counts = dict(self.objectives.counts)
+        with record_function("maskkit.snr_probe"):
+            self.pending_snr = self.health.hypergradient_agreement(
+                step_hypergradient, self.mlo.hypergradient_on
+            )
+        self.objectives.counts.clear()
+        self.objectives.counts.update(counts)
 
     def _refit_head_when_due(self) -> None:
         """Every ``head_refit_every`` mask steps, the level-2 head's last layer is refitted to its
@@ -330,22 +355,18 @@ class Pretrainer:
         """The learned mask's health (:mod:`~maskkit.engine.mask_health`) at ``step``, logged."""
         assert self.health is not None
         record: dict = {"stage": "pretrain", "step": step}
+        snr, self.pending_snr = self.pending_snr, None  # taken inside the mask step just done
         try:
             record.update(self.health.mask_figures())
         except TrainingDivergedError:
             # E diverged in the step just taken: the next step's loss stops the run, after this
             # step's checkpoint (a diagnostic is not the place to stop it).
             return record
-        record["level2/balanced_accuracy"] = self.health.level2_balanced_accuracy()
-        # Right after a mask step, so every level holds this iteration's batch (also on resume);
-        # at every other such record (two hypergradients are the diagnostics' largest cost).
-        if self.mask_stepped and self.health.snr_due():
-            counts = dict(self.objectives.counts)  # the probe's evaluations are not the run's cost
-            snr = self.health.hypergradient_snr(self.mlo.hypergradient_on)
-            self.objectives.counts.clear()
-            self.objectives.counts.update(counts)
-            if snr is not None:
-                record["hypergradient/snr"] = snr
+        record_index = step // self.diagnostics_every
+        if self.health.level2_due(record_index, last=step == self.total_steps):
+            record["level2/balanced_accuracy"] = self.health.level2_balanced_accuracy()
+        if snr is not None:
+            record["hypergradient/snr"] = snr
         self.context.run.log(record)
         return record
 
@@ -363,7 +384,6 @@ class Pretrainer:
         started = self._started = time.perf_counter()
         window_start, window_steps = started, 0
         title = "MLO pretrain" if self.mlo.is_multilevel else "MAE pretrain"
-        diagnostics_every = max(1, self.total_steps // 25)
         if self.start_step == 0:  # a resumed run carries the request in its saved state
             self.mlo.request_path_hypergradients()
             if self.health is not None and self.total_steps > 0:
@@ -372,7 +392,8 @@ class Pretrainer:
         with context.progress() as progress:
             task = progress.add_task(title, total=self.total_steps, completed=self.start_step, status="")
             for step in range(self.start_step + 1, self.total_steps + 1):
-                self.step(step)
+                health = self.health if self.record_due(step) else None
+                self.step(step, probe=health is not None and health.probe_at_next_chance())
                 window_steps += 1
                 progress.advance(task)
                 if step % log_every == 0 or step == self.total_steps:
@@ -383,7 +404,9 @@ class Pretrainer:
                     context.run.log(record)
                     self.mlo.request_path_hypergradients()
                     progress.update(task, status=self._status(record, rate))
-                if self.health is not None and (step % diagnostics_every == 0 or step == self.total_steps):
+                if health is not None:
+                    if self.mask_stepped:
+                        health.count_chance()
                     self.last_health = self._health_record(step)
                 pointers = ("last",)
                 if self.mlo.is_multilevel and (step % eval_every == 0 or step == self.total_steps):
