@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +25,20 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, log_loss
 
 from maskkit.config import load_run_config
-from maskkit.data import ImageSplit, class_capped_subset, iterate_eval, load_dataset, make_splits
+from maskkit.data import ImageSplit, class_capped_subset, load_dataset, make_splits
 from maskkit.engine.mask_health import LEVEL2_IMAGES
+from maskkit.engine.protocols.features import encoder_features
 from maskkit.engine.run import build_models
 
 
 def _features(mae, head, split: ImageSplit, mean, std) -> tuple[np.ndarray, np.ndarray]:
     """``(features [N, D] after the head's LayerNorm, labels [N])`` of ``split``, eval mode."""
-    chunks, labels = [], []
-    with torch.no_grad():
-        for batch in iterate_eval(split, 256, torch.device("cpu"), mean, std):
-            chunks.append(head.norm(mae.features(batch.images)).numpy())
-            labels.append(batch.labels.numpy())
-    return np.concatenate(chunks), np.concatenate(labels)
+
+    def normed(images: torch.Tensor) -> torch.Tensor:
+        return head.norm(mae.features(images))
+
+    features = encoder_features(normed, split, 256, torch.device("cpu"), mean, std, nullcontext)
+    return features.values, features.labels
 
 
 def main() -> None:

@@ -92,13 +92,6 @@ def _first_batches(split: ImageSplit, size: int, count: int, device, mean, std, 
     return batches
 
 
-def _slice(batch: Batch, index: int, count: int) -> Batch:
-    """The ``index``-th of ``count`` equal consecutive slices of ``batch``."""
-    rows = slice(index * len(batch.labels) // count, (index + 1) * len(batch.labels) // count)
-    priors = {name: values[rows] for name, values in batch.priors.items()}
-    return Batch(batch.images[rows], batch.labels[rows], priors)
-
-
 class MaskHealth:
     """The diagnostics above for one run (see the module docstring)."""
 
@@ -128,10 +121,10 @@ class MaskHealth:
         # A fixed batch of the mask split, the hypergradient's agreement is taken against: the
         # global batch's first images, this process's equal slice of them (the probe averages the
         # slices' hypergradients across processes, as the mask level's own step does).
-        processes, size = world_size(), min(mask_batch_size, len(mask_split))
-        size -= size % processes
-        probe = _first_batches(mask_split, size, 1, self.device, mean, std, priors) if size else []
-        self.snr_batch: Batch | None = _slice(probe[0], rank(), processes) if probe else None
+        local = min(mask_batch_size, len(mask_split)) // world_size()
+        rows = mask_split[rank() * local : (rank() + 1) * local]
+        probe = _first_batches(rows, local, 1, self.device, mean, std, priors) if local else []
+        self.snr_batch: Batch | None = probe[0] if probe else None
         self.initial_masks: Tensor | None = None
         self.snr_chances = 0  # records that followed a mask step: the probe runs at every other
 
