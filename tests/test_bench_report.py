@@ -171,10 +171,12 @@ def test_the_markdown_tables(fake_suite):
     mlo_row = next(line for line in lines if line.startswith("| `mlo` | 2 |") and "[" in line)
     assert f"+2.50 [{2.5 - half:+.2f}, {2.5 + half:+.2f}]".replace("-", "−") in mlo_row
     none_row = next(line for line in lines if line.startswith("| `none` | 3 |") and "[" in line)
-    # Six of the seven differences exclude 0 (none is 20 points lower); the linear probe's AUC,
-    # undefined in every cell, has none.
+    # Seven of the eight differences exclude 0 (none is 20 points lower); the linear probe's AUC,
+    # undefined in every cell, has none. The fine-tuned model's four metrics lead, macro F1 fourth.
     lower = "**−20.00 [−22.48, −17.52]**"
-    assert none_row.count("**") == 12 and none_row.endswith(f"| – | {lower} | {lower} |")
+    assert none_row.count("**") == 14 and none_row.endswith(f"| – | {lower} | {lower} |")
+    header = "| policy | pairs | fine-tune bal. acc. | fine-tune AUC | fine-tune acc. | fine-tune macro F1 |"
+    assert header in text
     assert "| policy | mole (30) | lesion (10) |" in text  # the per-class table
     assert "| `random` | 72.0 | 36.0 |" in text
     assert "1 failed" in text and "dermamnist/mlo/seed-2: **failed** (exit code 1" in text
@@ -206,10 +208,10 @@ def test_the_report_opens_with_the_premise(fake_suite):
     half = 100 * T_975[2] * 0.01 / math.sqrt(3)
     interval = f"**+20.00 [{20 - half:+.2f}, {20 + half:+.2f}]**"
     premise_row = next(line for line in text.splitlines() if line.startswith("| dermamnist | 3 |"))
-    assert premise_row.count(interval) == 6 and premise_row.count("| – |") == 1  # no linear-probe AUC
+    assert premise_row.count(interval) == 7 and premise_row.count("| – |") == 1  # no linear-probe AUC
     assert (
         "Intervals that exclude 0: dermamnist, higher with pretraining: fine-tune bal. acc., fine-tune AUC, "
-        "fine-tune acc., linear probe bal. acc., linear probe acc., k-NN acc.\n" in text
+        "fine-tune acc., fine-tune macro F1, linear probe bal. acc., linear probe acc., k-NN acc.\n" in text
     )
 
 
@@ -230,7 +232,7 @@ def test_each_paired_table_ends_with_the_minimum_detectable_effect(fake_suite):
     mde_row = next(line for line in layout.markdown.read_text().splitlines() if line.startswith("| *MDE* |"))
     expected = f"{100 * mde_factor(3) * POOLED_SD:.2f}"
     assert expected == "2.98"  # k(3) = 3.264 standard deviations of the differences
-    assert mde_row == "| *MDE* | 3 | " + " | ".join([expected] * 4 + ["–"] + [expected] * 2) + " |"
+    assert mde_row == "| *MDE* | 3 | " + " | ".join([expected] * 5 + ["–"] + [expected] * 2) + " |"
 
 
 def test_the_forest_plot_draws_the_reports_intervals(tmp_path):

@@ -59,11 +59,13 @@ PAIRED_METRICS: dict[str, str] = {
     for key, title in protocol.metrics.items()
 }
 #: The metrics of the paired-difference tables, the minimum detectable effects, the premise and
-#: the plots. Balanced accuracy and AUC lead: accuracy alone rewards predicting the majority class.
+#: the plots. Balanced accuracy and AUC lead: accuracy alone rewards predicting the majority class;
+#: macro F1 weighs every class's precision as well as its recall.
 HEADLINE_METRICS: tuple[str, ...] = (
     "test_balanced_accuracy",
     "test_auc",
     "test_accuracy",
+    "test_macro_f1",
     *(f"{protocol.name}_{key}" for protocol in PROTOCOLS for key in protocol.headline),
 )
 #: The exit status of a ``maskkit train`` that was interrupted and saved its checkpoint (Ctrl-C, or

@@ -48,6 +48,7 @@ _SHORT_METRIC_TITLES = {
     "auc": "AUC",
     "accuracy": "acc.",
     "weighted_f1": "weighted F1",
+    "macro_f1": "macro F1",
 }
 #: Titles of the headline metrics in tables and the plot: fine-tune's, then each protocol's
 #: (:data:`maskkit.engine.protocols.PROTOCOLS`).
