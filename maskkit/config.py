@@ -129,6 +129,10 @@ class LearnedMaskConfig(StrictModel):
     - ``fan_in_scaling``: ``mlo``'s first layer sees tokens normalised per token and steps in
       units of 1/√fan-in (an equalised learning rate), so one AdamW step cannot move a hidden
       unit by lr·‖x‖₁.
+    - ``centre_tokens``: ``mlo``'s tokens minus each slot's mean token (the batch's in training, a
+      running mean in evaluation) before that normalisation
+      (:class:`~maskkit.masking.SlotCentring`), so the position embedding every image shares does
+      not drown what differs between images and the mask can depend on the image.
     - ``random_warmup``: share of stage 1 that masks uniformly at random with T frozen, so E and
       the level-2 head reach a useful state before T learns from them.
     - ``lr_warmup``: share of the mask level's steps (after the random warm-up) over which its lr
@@ -145,6 +149,7 @@ class LearnedMaskConfig(StrictModel):
     selection: Literal["sample", "top-k"] = "sample"
     temperature: tuple[float, float] = (1.0, 0.5)
     fan_in_scaling: bool = True
+    centre_tokens: bool = True
     random_warmup: float = Field(0.1, ge=0, lt=1)
     lr_warmup: float = Field(0.1, ge=0, lt=1)
     head_refit_every: int | None = Field(5, gt=0)
@@ -360,6 +365,15 @@ class DataConfig(StrictModel):
     )
 
 
+#: ``mlo``'s former policy option, now ``pretrain.learned_mask.centre_tokens``.
+MOVED_MLO_OPTION = "centre_tokens"
+#: The one warning of a config that still sets it as a policy option.
+MOVED_MLO_OPTION_WARNING = (
+    "config: policy_options.centre_tokens is now pretrain.learned_mask.centre_tokens "
+    "(on by default); read there, update the config"
+)
+
+
 class RunConfig(StrictModel):
     """Everything a run needs; saved as ``config.yaml`` in the run dir."""
 
@@ -403,6 +417,24 @@ class RunConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_centre_tokens(cls, raw: Any) -> Any:
+        """``mlo``'s policy option ``centre_tokens`` (2026-12-06) is now
+        ``pretrain.learned_mask.centre_tokens``: an old config keeps loading, with a one-line
+        warning."""
+        if not isinstance(raw, dict) or raw.get("policy") != "mlo":
+            return raw
+        options = raw.get("policy_options")
+        if not isinstance(options, dict) or MOVED_MLO_OPTION not in options:
+            return raw
+        warn_once(MOVED_MLO_OPTION_WARNING)
+        options = {key: value for key, value in options.items() if key != MOVED_MLO_OPTION}
+        pretrain = raw.get("pretrain") or {}
+        learned_mask = dict(pretrain.get("learned_mask") or {})
+        learned_mask[MOVED_MLO_OPTION] = raw["policy_options"][MOVED_MLO_OPTION]
+        return {**raw, "policy_options": options, "pretrain": {**pretrain, "learned_mask": learned_mask}}
 
     @model_validator(mode="after")
     def _check_tokens_kept(self) -> RunConfig:
@@ -575,6 +607,7 @@ LEGACY_LEARNED_MASK = {
     "logit_bound": 0,
     "selection": "top-k",
     "fan_in_scaling": False,
+    "centre_tokens": False,
     "random_warmup": 0,
     "lr_warmup": 0,
     "head_refit_every": None,
@@ -583,9 +616,13 @@ LEGACY_LEARNED_MASK = {
 
 def load_run_config(path: Path) -> RunConfig:
     """Read a saved ``config.yaml``. A run saved before ``pretrain.learned_mask`` existed is read
-    as it ran: with none of it (:data:`LEGACY_LEARNED_MASK`)."""
+    as it ran: with none of it (:data:`LEGACY_LEARNED_MASK`); one saved before
+    ``pretrain.learned_mask.centre_tokens`` existed (2026-12-06) ran without it."""
     raw = read_yaml(path)
     pretrain = raw.get("pretrain")
-    if isinstance(pretrain, dict) and "learned_mask" not in pretrain:
-        raw = {**raw, "pretrain": {**pretrain, "learned_mask": LEGACY_LEARNED_MASK}}
+    if isinstance(pretrain, dict):
+        learned_mask = pretrain.get("learned_mask", LEGACY_LEARNED_MASK)
+        if isinstance(learned_mask, dict):
+            learned_mask = {"centre_tokens": False, **learned_mask}
+        raw = {**raw, "pretrain": {**pretrain, "learned_mask": learned_mask}}
     return validate_config(raw)

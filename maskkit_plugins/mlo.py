@@ -23,27 +23,29 @@ class MLOMasking(LearnedMasking):
     the first layer alone has ~100 M weights. With ``pretrain.learned_mask.fan_in_scaling`` (the
     default; off in ``paper``) each token is normalised (LayerNorm without affine) before the
     flattening and the first layer is a :class:`~maskkit.masking.FanInScaledLinear`, so an AdamW
-    step cannot saturate it.
-
-    Option ``centre_tokens`` (off by default): each slot's mean token is subtracted first
-    (:class:`~maskkit.masking.SlotCentring`), so the position embedding every image shares does
-    not dominate the normalised input and the mask can depend on the image (docs/mlo.md).
+    step cannot saturate it. With ``pretrain.learned_mask.centre_tokens`` (the default; off in
+    ``paper``) each slot's mean token is subtracted first (:class:`~maskkit.masking.SlotCentring`),
+    so the position embedding every image shares does not dominate the input and the mask can
+    depend on the image (docs/mlo.md).
     """
 
     name = "mlo"
     description = "MLO-MAE reference masking network: MLP over flattened patch tokens (L·D → 512 → L)."
 
-    def __init__(self, context: PolicyContext, hidden_dim: int = 512, centre_tokens: bool = False) -> None:
+    def __init__(self, context: PolicyContext, hidden_dim: int = 512) -> None:
         super().__init__(context)
         fan_in = context.num_patches * context.embed_dim
-        scaled = context.learned_mask.fan_in_scaling
+        settings = context.learned_mask
         self.centring = (
-            SlotCentring(context.num_patches, context.embed_dim) if centre_tokens else nn.Identity()
+            SlotCentring(context.num_patches, context.embed_dim) if settings.centre_tokens else nn.Identity()
         )
         self.input_norm = (
-            nn.LayerNorm(context.embed_dim, elementwise_affine=False) if scaled else nn.Identity()
+            nn.LayerNorm(context.embed_dim, elementwise_affine=False)
+            if settings.fan_in_scaling
+            else nn.Identity()
         )
-        first = FanInScaledLinear(fan_in, hidden_dim) if scaled else nn.Linear(fan_in, hidden_dim)
+        linear = FanInScaledLinear if settings.fan_in_scaling else nn.Linear
+        first = linear(fan_in, hidden_dim)
         self.scorer = nn.Sequential(first, nn.ReLU(), nn.Linear(hidden_dim, context.num_patches))
 
     def mask_logits(self, tokens: Tensor) -> Tensor:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from maskkit.config import LEGACY_LEARNED_MASK, LearnedMaskConfig, build_config, load_run_config
+from maskkit.config import LEGACY_LEARNED_MASK, LearnedMaskConfig, RunConfig, build_config, load_run_config
 from maskkit.engine.mask_health import image_dependence, jaccard_distance, saturated_share
-from maskkit.errors import ConfigError, MaskkitWarning
+from maskkit.errors import ConfigError, MaskkitWarning, PluginError
 from maskkit.masking import SlotCentring, bounded_logits, plackett_luce_log_prob, sample_decision
 from maskkit.plugins import create_policy
 from maskkit.policy import MaskBatch, PolicyContext, validate_decision
@@ -70,9 +70,7 @@ def test_centred_tokens_let_mlo_depend_on_the_image_at_vit_s2_width():
     dependence = {}
     for centre in (False, True):
         torch.manual_seed(0)
-        policy = MLOMasking(
-            PolicyContext(**VIT_S2, learned_mask=LearnedMaskConfig()), 64, centre_tokens=centre
-        )
+        policy = MLOMasking(PolicyContext(**VIT_S2, learned_mask=LearnedMaskConfig(centre_tokens=centre)), 64)
         with torch.no_grad():
             policy.train()
             policy.mask_logits(tokens)  # one training batch sets the running mean
@@ -229,7 +227,44 @@ def test_the_paper_preset_keeps_the_reference_mask():
     learned = build_config("paper").pretrain.learned_mask
     assert (learned.logit_bound, learned.selection, learned.fan_in_scaling) == (0, "top-k", False)
     assert (learned.random_warmup, learned.lr_warmup, learned.head_refit_every) == (0, 0, None)
+    assert not learned.centre_tokens
     assert math.isclose(build_config("cpu").pretrain.learned_mask.logit_bound, 3.0)
+    assert build_config("cpu").pretrain.learned_mask.centre_tokens
+
+
+def _saved(tmp_path, config: dict) -> RunConfig:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_run_config(path)
+
+
+def test_a_run_saved_before_centred_tokens_loads_as_it_ran(tmp_path):
+    """``pretrain.learned_mask.centre_tokens`` (on by default since 2026-12-06) is off for a
+    saved run whose config does not name it, so its ``mlo`` state loads into the network it
+    trained (no centring buffers); one that set the former policy option keeps it, with one
+    warning, and a new config takes the default."""
+    config = build_config("cpu", overrides=[{"policy": "mlo"}]).model_dump(mode="json")
+    del config["pretrain"]["learned_mask"]["centre_tokens"]
+    before = _saved(tmp_path, config)
+    assert not before.pretrain.learned_mask.centre_tokens
+    context = PolicyContext(
+        num_patches=16, embed_dim=8, grid_size=4, patch_size=8, learned_mask=before.pretrain.learned_mask
+    )
+    assert "centring.running_mean" not in MLOMasking(context).state_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        option = _saved(tmp_path, {**config, "policy_options": {"centre_tokens": True}})
+    assert option.pretrain.learned_mask.centre_tokens and option.policy_options == {}
+    messages = [str(w.message) for w in caught if issubclass(w.category, MaskkitWarning)]
+    assert len(messages) == 1 and "pretrain.learned_mask.centre_tokens" in messages[0]
+    context = PolicyContext(
+        num_patches=16, embed_dim=8, grid_size=4, patch_size=8, learned_mask=option.pretrain.learned_mask
+    )
+    assert "centring.running_mean" in MLOMasking(context).state_dict()
+    random_option = {**config, "policy": "random", "policy_options": {"centre_tokens": True}}
+    with pytest.raises(PluginError, match="centre_tokens"):  # not mlo's: not moved, refused as unknown
+        create_policy("random", context, _saved(tmp_path, random_option).policy_options)
+    assert build_config("cpu", overrides=[{"policy": "mlo"}]).pretrain.learned_mask.centre_tokens
 
 
 def test_a_run_saved_before_the_learned_mask_section_loads_as_it_ran(tmp_path):

@@ -65,9 +65,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_training(folder: Path, policy: str) -> Path:
+def tiny_training(folder: Path, policy: str, pretrain: dict | None = None) -> Path:
     """A tiny run of ``policy`` (16 px, patch 4, width 16, 10 pretrain steps, no fine-tuning) on
-    the data under ``folder``; returns its run dir."""
+    the data under ``folder``, ``pretrain`` merged into its stage-1 settings; returns its run dir."""
     model = {
         "img_size": IMAGE,
         "patch_size": PATCH,
@@ -86,12 +86,13 @@ def tiny_training(folder: Path, policy: str) -> Path:
                 "device": "cpu",
                 "model": model,
                 "data": {"dataset": "dermamnist", "data_dir": str(folder / "data"), "subset": None},
-                "pretrain": {"steps": 10, "mae": {"batch_size": 32}},
+                "pretrain": {"steps": 10, "mae": {"batch_size": 32}, **(pretrain or {})},
                 "finetune": {"epochs": 0},
             }
         ],
     )
-    return runs.train(config, folder / f"run-{policy}", Console(quiet=True)).path
+    name = f"run-{policy}" + ("-" + "-".join(sorted(pretrain)) if pretrain else "")
+    return runs.train(config, folder / name, Console(quiet=True)).path
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +269,18 @@ def test_a_trained_policy_state_comes_from_its_run(tiny_run):
     before = {key: value.clone() for key, value in arm.policy.state_dict().items()}
     trials.train_arm(setup, arm, 0, settings(tiny_run, steps=2))
     assert all(torch.equal(before[k], v) for k, v in arm.policy.state_dict().items())
+
+
+def test_a_learned_policy_is_rebuilt_as_its_run_built_it(tiny_run):
+    """The arm's ``mlo`` takes the learned-mask settings of the run that trained it, not today's
+    defaults: a run without centred tokens gives a network without them, and its state fits."""
+    uncentred = {"learned_mask": {"centre_tokens": False}}
+    learned_run = tiny_training(tiny_run.parent, "mlo", uncentred)
+    setup = trials.open_trial(settings(learned_run, "mlo", forks=2, steps=1), Console(quiet=True))
+    arm = setup.arms["A"]
+    assert arm.state_source.endswith(":last") and arm.state
+    assert not any(key.startswith("centring.") for key in arm.state)
+    assert all(torch.equal(arm.policy.state_dict()[key], value) for key, value in arm.state.items())
 
 
 def test_the_inverse_arm_masks_what_the_policy_keeps(tiny_run):

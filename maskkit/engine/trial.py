@@ -271,7 +271,9 @@ def _build_arm(
     options = dict(state_config.policy_options) if state_config.policy == spec.policy else {}
     options.update(spec.options)
     torch.manual_seed(config.seed)  # the policy's initial draw does not depend on what ran before
-    policy = create_policy(spec.policy, policy_context(mae), options).to(device)
+    # The state's run says how its learned mask was built (pretrain.learned_mask: mlo's input).
+    context = policy_context(mae, state_config.pretrain.learned_mask)
+    policy = create_policy(spec.policy, context, options).to(device)
     state_source = "initialisation" if policy.state_dict() else "none (the policy holds no state)"
     if policy.state_dict() and (spec.state_from is not None or state_config.policy == spec.policy):
         found = _policy_state(state_run, device)
