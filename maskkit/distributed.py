@@ -147,6 +147,24 @@ def average_across_ranks(tensors: Sequence[Tensor]) -> list[Tensor]:
     return averaged  # type: ignore[return-value]
 
 
+def mean_of_rows(rows: Tensor) -> Tensor:
+    """The mean of the global batch's rows, ``[1, ...]``, from this process's ``[n_r, ...]`` rows:
+    the same values on every process as one process's mean of the whole batch (up to the order
+    of the summation). The gradient reaches this process's rows, each at ``1 / Σ n_r`` as in one
+    process; the other processes' rows take theirs there. Every process must call it at the same
+    point (a collective)."""
+    if not is_distributed():
+        return rows.mean(dim=0, keepdim=True)
+    local = rows.sum(dim=0, keepdim=True)
+    count = torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=_collective_device())
+    total = local.detach().to(_collective_device()).clone()
+    with _collective("averaging a batch over the processes"):
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    others = total.to(local.device) - local.detach()
+    return (local + others) / float(count)
+
+
 def average_gradients_(parameters: Sequence[Tensor], loss: Tensor) -> float:
     """Replace each parameter's ``.grad`` by its mean over the processes, in place, and return
     the mean of ``loss`` (a scalar) over the processes, in one collective.

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskkit.distributed import mean_of_rows
 from maskkit.policy import MaskBatch, MaskDecision, MaskPolicy, PolicyContext, decision_from_scores
 
 
@@ -133,8 +134,9 @@ class FanInScaledLinear(nn.Linear):
 
 class SlotCentring(nn.Module):
     """``[B, L, D]`` tokens minus each slot's (position's) mean token: the batch's mean in
-    training, a running mean (updated then, momentum ``momentum``) in evaluation (the batch's
-    mean before any training batch).
+    training (the global batch's, over every process of a data-parallel run, so that every
+    process centres as one process would), a running mean (updated then, momentum ``momentum``)
+    in evaluation (the batch's mean before any training batch).
 
     A ViT's tokens carry a position embedding that every image shares, most of their energy at
     ViT-S/2 (83 %); normalised per token and flattened, they give ``mlo``'s MLP nearly the same
@@ -151,9 +153,9 @@ class SlotCentring(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         if not self.training and bool(self.tracked):
             return tokens - self.running_mean
-        mean = tokens.mean(dim=0, keepdim=True)  # [1, L, D]
         if not self.training:  # no training batch seen yet: this batch's mean, nothing recorded
-            return tokens - mean
+            return tokens - tokens.mean(dim=0, keepdim=True)
+        mean = mean_of_rows(tokens)  # [1, L, D]
         with torch.no_grad():
             observed = mean.detach().to(self.running_mean.dtype)
             rate = self.momentum if bool(self.tracked) else 1.0
