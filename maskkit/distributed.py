@@ -147,22 +147,44 @@ def average_across_ranks(tensors: Sequence[Tensor]) -> list[Tensor]:
     return averaged  # type: ignore[return-value]
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """``Σ_r x_r`` over the processes, differentiable in both modes: its gradient and its
+    tangent are themselves summed over the processes (each process's loss depends on every
+    process's ``x``), so a data-parallel run differentiates as one process would."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return _all_reduced(x, "summing a batch over the processes")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _all_reduced(grad, "summing a gradient over the processes")
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        return _all_reduced(tangent, "summing a tangent over the processes")
+
+
+def _all_reduced(tensor: Tensor, what: str) -> Tensor:
+    staged = tensor.detach().to(_collective_device()).clone()
+    with _collective(what):
+        dist.all_reduce(staged)
+    return staged.to(tensor.device)
+
+
 def mean_of_rows(rows: Tensor) -> Tensor:
     """The mean of the global batch's rows, ``[1, ...]``, from this process's ``[n_r, ...]`` rows:
-    the same values on every process as one process's mean of the whole batch (up to the order
-    of the summation). The gradient reaches this process's rows, each at ``1 / Σ n_r`` as in one
-    process; the other processes' rows take theirs there. Every process must call it at the same
-    point (a collective)."""
+    on every process the value, gradient and tangent one process would have with the whole
+    batch (up to the order of the summation). Every process must call it at the same point, and
+    so take part in its backward and forward-mode passes (collectives)."""
     if not is_distributed():
         return rows.mean(dim=0, keepdim=True)
-    local = rows.sum(dim=0, keepdim=True)
-    count = torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=_collective_device())
-    total = local.detach().to(_collective_device()).clone()
-    with _collective("averaging a batch over the processes"):
-        dist.all_reduce(total)
-        dist.all_reduce(count)
-    others = total.to(local.device) - local.detach()
-    return (local + others) / float(count)
+    count = sum_of([float(rows.shape[0])])[0]
+    return _SumOverRanks.apply(rows.sum(dim=0, keepdim=True)) / count
 
 
 def average_gradients_(parameters: Sequence[Tensor], loss: Tensor) -> float:

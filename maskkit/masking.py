@@ -16,7 +16,10 @@ handed over as ``PolicyContext.learned_mask``) sets both; the ``paper`` preset t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -132,6 +135,25 @@ class FanInScaledLinear(nn.Linear):
         return F.linear(inputs, self.weight * self.scale, self.bias)
 
 
+#: True while a loss is re-evaluated at other weights (the hypergradient's products): those
+#: evaluations are not training batches, so policies' running statistics stay as they are.
+_STATISTICS_FROZEN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "maskkit_statistics_frozen", default=False
+)
+
+
+@contextlib.contextmanager
+def frozen_statistics() -> Iterator[None]:
+    """Within it, a policy's running statistics (:class:`SlotCentring`'s running mean) are read,
+    not updated: for evaluations of a loss at other weights, which are no training batches (and
+    which ``torch.func`` transforms forbid to mutate a module's buffers)."""
+    token = _STATISTICS_FROZEN.set(True)
+    try:
+        yield
+    finally:
+        _STATISTICS_FROZEN.reset(token)
+
+
 class SlotCentring(nn.Module):
     """``[B, L, D]`` tokens minus each slot's (position's) mean token: the batch's mean in
     training (the global batch's, over every process of a data-parallel run, so that every
@@ -156,11 +178,12 @@ class SlotCentring(nn.Module):
         if not self.training:  # no training batch seen yet: this batch's mean, nothing recorded
             return tokens - tokens.mean(dim=0, keepdim=True)
         mean = mean_of_rows(tokens)  # [1, L, D]
-        with torch.no_grad():
-            observed = mean.detach().to(self.running_mean.dtype)
-            rate = self.momentum if bool(self.tracked) else 1.0
-            self.running_mean.lerp_(observed, rate)
-            self.tracked.fill_(True)
+        if not _STATISTICS_FROZEN.get():
+            with torch.no_grad():
+                observed = mean.detach().to(self.running_mean.dtype)
+                rate = self.momentum if bool(self.tracked) else 1.0
+                self.running_mean.lerp_(observed, rate)
+                self.tracked.fill_(True)
         return tokens - mean
 
 

@@ -39,6 +39,13 @@ CASES: dict[str, dict] = {
         "policy_options": {"hidden_dim": 4},
         "pretrain": {"hypergradient": {"estimator": "cg", "cg_iterations": 2}},
     },
+    # mlo centres its tokens by the global batch's mean (a collective), and under the reference
+    # weighting its forward is re-evaluated inside the forward-mode product.
+    "mlo, darts exact, reference weighting": {
+        "policy": "mlo",
+        "policy_options": {"hidden_dim": 4},
+        "pretrain": {"weighting": "reference"},
+    },
     "mlo-light, darts finite-difference, reference weighting": {
         "policy": "mlo-light",
         "pretrain": {"weighting": "reference", "hypergradient": {"darts_mode": "finite-difference"}},

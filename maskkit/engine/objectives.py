@@ -37,6 +37,7 @@ from maskkit.engine.policy_calls import (
     plugin_code,
 )
 from maskkit.errors import TrainingDivergedError
+from maskkit.masking import frozen_statistics
 from maskkit.models.classifier import ClassifierHead
 from maskkit.models.mae import MaskedAutoencoderViT
 from maskkit.policy import MASK_LEVEL, MaskBatch, MaskDecision, MaskPolicy
@@ -268,7 +269,7 @@ class MLOObjectives:
         weights, log_prob = pair.weights, pair.log_prob
         if self.weighting.policy_reads_encoder:
             seen = mask_batch(self.mae, pair.images, tokens, self.mask_ratio, pair.priors)
-            with plugin_code(self.policy, "forward"):
+            with plugin_code(self.policy, "forward"), frozen_statistics():
                 weights = self.policy(seen).weights
         return self.weighting.loss(error, decision.mask, weights, log_prob)
 
