@@ -414,7 +414,7 @@ def test_submitit_jobs_run_the_cells_reattach_and_a_killed_one_resumes(
     assert code == 0, output
     log = (out / "logs" / "dermamnist-random-seed0.log").read_text()
     resumed = [line for line in log.splitlines() if "checkpoint" in line or "starting run" in line]
-    assert f"from its pretrain checkpoint at step {killed_at[0]}" in log, resumed  # the lines that say
+    assert f"from its pretrain checkpoint at step {killed_at[0]}" in log, resumed  # shown on failure
     assert _rows(out) == local_rows
 
 
