@@ -158,6 +158,10 @@ def test_a_killed_bench_finishes_only_the_missing_cells(tmp_path, data_dir, monk
 
     # Run again: only the missing cells run, the killed one from its checkpoint, to the end; the
     # broken one fails, and is reported with its log. (Two workers: the two run side by side.)
+    # Its checkpoint is read again now: on a loaded machine a dying cell can still finish the
+    # next one after the first reading.
+    resumed_from = _checkpoint_step(second)
+    assert killed_at <= resumed_from < 150
     bench = _bench(tmp_path, *arguments, "--workers", 2)
     output, _ = bench.communicate(timeout=600)
     assert bench.returncode == 1, output
@@ -167,7 +171,8 @@ def test_a_killed_bench_finishes_only_the_missing_cells(tmp_path, data_dir, monk
     text = (out / "logs" / "dermamnist-random-seed0.log").read_text()
     attempts = [line for line in text.splitlines() if line.startswith(HEADER)]
     assert len(attempts) == 2 and ["train --resume" in line for line in attempts] == [False, True]
-    assert f"from its pretrain checkpoint at step {killed_at}" in text
+    resumes = [line for line in text.splitlines() if "checkpoint at step" in line]
+    assert f"from its pretrain checkpoint at step {resumed_from}" in text, resumes  # shown on failure
     assert (out / "logs" / "dermamnist-none-seed0.log").read_text().count(HEADER) == 1
     assert (first / "summary.json").stat().st_mtime_ns == finished
     assert [row["status"] for row in _rows(out)] == ["done", "done", "failed"]
