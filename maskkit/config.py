@@ -133,6 +133,11 @@ class LearnedMaskConfig(StrictModel):
       running mean in evaluation) before that normalisation
       (:class:`~maskkit.masking.SlotCentring`), so the position embedding every image shares does
       not drown what differs between images and the mask can depend on the image.
+    - ``diversity`` λ: the level-3 objective gains λ times the share of T's per-image
+      standardised logits that is one map for every image of the batch
+      (:func:`~maskkit.masking.shared_map_share`, through the policy's ``regularizer``, logged
+      as ``loss/mask_regularizer``), so the mask is pushed to depend on the image rather than
+      on the position alone; 0 adds nothing.
     - ``random_warmup``: share of stage 1 that masks uniformly at random with T frozen, so E and
       the level-2 head reach a useful state before T learns from them.
     - ``lr_warmup``: share of the mask level's steps (after the random warm-up) over which its lr
@@ -150,6 +155,7 @@ class LearnedMaskConfig(StrictModel):
     temperature: tuple[float, float] = (1.0, 0.5)
     fan_in_scaling: bool = True
     centre_tokens: bool = True
+    diversity: float = Field(0.0, ge=0)
     random_warmup: float = Field(0.1, ge=0, lt=1)
     lr_warmup: float = Field(0.1, ge=0, lt=1)
     head_refit_every: int | None = Field(5, gt=0)
@@ -608,6 +614,7 @@ LEGACY_LEARNED_MASK = {
     "selection": "top-k",
     "fan_in_scaling": False,
     "centre_tokens": False,
+    "diversity": 0,
     "random_warmup": 0,
     "lr_warmup": 0,
     "head_refit_every": None,
@@ -617,12 +624,13 @@ LEGACY_LEARNED_MASK = {
 def load_run_config(path: Path) -> RunConfig:
     """Read a saved ``config.yaml``. A run saved before ``pretrain.learned_mask`` existed is read
     as it ran: with none of it (:data:`LEGACY_LEARNED_MASK`); one saved before
-    ``pretrain.learned_mask.centre_tokens`` existed (2026-12-06) ran without it."""
+    ``pretrain.learned_mask.centre_tokens`` or ``.diversity`` existed (2026-12-06) ran without
+    them."""
     raw = read_yaml(path)
     pretrain = raw.get("pretrain")
     if isinstance(pretrain, dict):
         learned_mask = pretrain.get("learned_mask", LEGACY_LEARNED_MASK)
         if isinstance(learned_mask, dict):
-            learned_mask = {"centre_tokens": False, **learned_mask}
+            learned_mask = {"centre_tokens": False, "diversity": 0, **learned_mask}
         raw = {**raw, "pretrain": {**pretrain, "learned_mask": learned_mask}}
     return validate_config(raw)

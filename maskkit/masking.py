@@ -51,14 +51,36 @@ def bounded_logits(logits: Tensor, bound: float) -> Tensor:
     """
     if bound == 0:
         return logits
+    return bound * torch.tanh(standardised_logits(logits) / bound)
+
+
+def standardised_logits(logits: Tensor) -> Tensor:
+    """``[B, L]`` logits → ``ẑ = (z − mean_j z) / (std_j z + 1e-6)`` per image (row), in fp32 or
+    wider: what :func:`bounded_logits` bounds."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     centred = logits - logits.mean(dim=1, keepdim=True)
     # Scaled to at most 1 first, so huge logits (a diverged encoder's tokens) cannot overflow the
     # variance: the result is the same, and the divergence is left for the loss to report.
     scale = centred.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # [B, 1]
     unit = centred / scale
-    standardised = unit / (unit.std(dim=1, keepdim=True) + 1e-6 / scale)  # = centred / (std + 1e-6)
-    return bound * torch.tanh(standardised / bound)
+    return unit / (unit.std(dim=1, keepdim=True) + 1e-6 / scale)  # = centred / (std + 1e-6)
+
+
+def shared_map_share(logits: Tensor) -> Tensor:
+    """``[B, L]`` logits → 0-d: how much of them is one map for every image of the batch.
+
+    ``mean_j (mean_b ẑ_bj)²`` with ``ẑ`` the logits standardised per image
+    (:func:`standardised_logits`): the share of ẑ's variance that lies in the batch-mean map,
+    1 when every image gets the same ranking, about 1/B when the images' rankings are unrelated
+    (1 − the share is ``mask/image_dependence`` of the standardised logits). The batch is the
+    global one in a data-parallel run (:func:`maskkit.distributed.mean_of_rows`), so every
+    process penalises what one process would. Differentiable; what the ``diversity`` regulariser
+    of :class:`LearnedMasking` penalises.
+    """
+    shared = mean_of_rows(standardised_logits(logits))  # [1, L]
+    # ẑ's population variance per image is (L − 1)/L (std is the unbiased one): rescaled to 1.
+    length = logits.shape[1]
+    return shared.pow(2).mean() * length / max(1, length - 1)
 
 
 def logistic_noise(like: Tensor) -> Tensor:
@@ -272,6 +294,24 @@ class LearnedMasking(MaskPolicy):
         bias = self.logit_bias(batch)
         logits = logits if bias is None else logits + bias
         return -logits if self.inverted else logits
+
+    def has_regularizer(self) -> bool:
+        """True with a ``diversity`` above 0, or when a subclass has a penalty of its own."""
+        own = type(self).regularizer is not LearnedMasking.regularizer
+        return own or self.context.learned_mask.diversity > 0
+
+    def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
+        """``diversity · shared_map_share(scorer's logits)`` (:func:`shared_map_share`) when the
+        run's ``pretrain.learned_mask.diversity`` is above 0, else None. A subclass with a
+        penalty of its own adds this one to it (:meth:`diversity_penalty`)."""
+        return self.diversity_penalty(batch)
+
+    def diversity_penalty(self, batch: MaskBatch) -> Tensor | None:
+        """The diversity term alone: a 0-d tensor, or None when ``diversity`` is 0."""
+        weight = self.context.learned_mask.diversity
+        if weight == 0:
+            return None
+        return weight * shared_map_share(self.mask_logits(batch.tokens))
 
     def set_progress(self, step: int, total_steps: int) -> None:
         self.progress.fill_((step - 1) / max(1, total_steps - 1))

@@ -26,8 +26,8 @@ What a plugin's author must know (``docs/plugins.md`` has the whole contract):
   the regulariser) are the only ways gradient reaches its parameters.
 - **Regulariser.** :meth:`MaskPolicy.regularizer` returns a scalar that is added to the
   level-3 (mask) objective, computed on held-out batches with detached tokens; it is logged on
-  its own as ``loss/mask_regularizer``, beside ``loss/mask`` (the sum). It is called only when a
-  policy overrides it.
+  its own as ``loss/mask_regularizer``, beside ``loss/mask`` (the sum). It is called only when
+  :meth:`MaskPolicy.has_regularizer` says so (by default: when a policy overrides it).
 - **Priors.** ``batch.priors`` holds each map named in ``requires`` as ``[B, L]`` in [0, 1]: the
   run's ``--prior`` provider computed it per pixel, it rode with the image in the data loader's
   ``Batch(images, labels, priors)`` (cropped and flipped with it), and the engine pooled it to the
@@ -419,6 +419,12 @@ class MaskPolicy(nn.Module, abc.ABC):
     def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
         """An optional scalar added to the level-3 (mask) objective. None by default."""
         return None
+
+    def has_regularizer(self) -> bool:
+        """Whether :meth:`regularizer` may return a penalty, so the mask level must decide a
+        batch for it: True when the class overrides :meth:`regularizer`. A policy whose penalty
+        depends on its settings may say False when they turn it off."""
+        return type(self).regularizer is not MaskPolicy.regularizer
 
     def pretrain_loss(self, decision: MaskDecision, batch: MaskBatch, error: Tensor) -> Tensor | None:
         """An optional scalar added to the pretrain (level-1) loss of every pretrain step.

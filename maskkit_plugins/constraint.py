@@ -63,10 +63,13 @@ class ConstraintMasking(LearnedMasking):
         return self.scorer(tokens)
 
     def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
-        if self.penalty == 0 or decision.weights is None:
-            return None
-        critical = critical_patches(batch, self.critical_threshold)
-        return self.penalty * (decision.weights * critical).sum() / critical.sum().clamp_min(1)
+        """R(T) above, plus the run's diversity term when it is on (``LearnedMasking``)."""
+        terms = [self.diversity_penalty(batch)]
+        if self.penalty != 0 and decision.weights is not None:
+            critical = critical_patches(batch, self.critical_threshold)
+            terms.append(self.penalty * (decision.weights * critical).sum() / critical.sum().clamp_min(1))
+        present = [term for term in terms if term is not None]
+        return sum(present[1:], present[0]) if present else None
 
 
 class ConstraintFixedMasking(MaskPolicy):

@@ -336,8 +336,9 @@ class MLOObjectives:
         self.counts["mask/step"] += 1
         images, labels = batch.images, batch.labels
         loss = self.head_loss(self.features(images), labels)
-        if type(self.policy).regularizer is not MaskPolicy.regularizer:
-            with self.autocast():
+        if self.policy.has_regularizer():
+            # A validation batch is no training batch: policies' running statistics stay put.
+            with self.autocast(), frozen_statistics():
                 # The penalty is a term in T alone: its gradient must not leak into E's seed.
                 with torch.no_grad():
                     tokens = self.mae.embed(images)
