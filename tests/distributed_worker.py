@@ -34,10 +34,14 @@ CASES: dict[str, dict] = {
         "policy": "mlo-light",
         "pretrain": {"mae": {"unroll_steps": 2}, "augment": "crop_flip", "class_balanced": True},
     },
-    "mlo, cg": {
+    # The diversity term penalises the global batch's mean map (a collective in its backward).
+    "mlo, cg, diversity term": {
         "policy": "mlo",
         "policy_options": {"hidden_dim": 4},
-        "pretrain": {"hypergradient": {"estimator": "cg", "cg_iterations": 2}},
+        "pretrain": {
+            "hypergradient": {"estimator": "cg", "cg_iterations": 2},
+            "learned_mask": {"diversity": 1.0},
+        },
     },
     # mlo centres its tokens by the global batch's mean (a collective), and under the reference
     # weighting its forward is re-evaluated inside the forward-mode product.
