@@ -48,7 +48,9 @@ def build_pretrainer(
         policy,
         precision=precision,
         policy_options={"hidden_dim": 4 if policy == "mlo-light" else 2},
-        pretrain={"weighting": weighting, "hypergradient": estimator},
+        # No diversity term: it reaches T directly, not through the hypergradient checked here
+        # (tests/test_diversity.py checks it).
+        pretrain={"weighting": weighting, "hypergradient": estimator, "learned_mask": {"diversity": 0.0}},
         finetune={"head_dropout": HEAD_DROPOUT},
     )
     dataset = synthetic_dataset()
@@ -158,7 +160,10 @@ def unrolled_validation_loss(pretrainer: Pretrainer, run: EngineRun, path: str, 
                     p.copy_(s)  # E back at its value: T now reaches L_val through C alone
         with torch.no_grad():
             torch.set_rng_state(run.val_rng)
-            return float(objectives.mask_loss(levels["mask"].cur_batch))
+            # The validation loss alone: a penalty of the policy's own (its regulariser, e.g.
+            # the diversity term) reaches T directly, on no path through E or C.
+            images, labels, _ = levels["mask"].cur_batch
+            return float(objectives.head_loss(mae.features(images), labels))
     finally:
         with torch.no_grad():
             for p, s in zip(encoder_params + head_params, saved, strict=True):

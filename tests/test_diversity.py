@@ -74,7 +74,7 @@ def test_the_diversity_penalty_makes_the_mask_depend_on_the_image():
 
 def test_diversity_zero_adds_no_regulariser_and_constraint_adds_both_terms():
     torch.manual_seed(0)
-    context = PolicyContext(**SMALL, learned_mask=LearnedMaskConfig())
+    context = PolicyContext(**SMALL, learned_mask=LearnedMaskConfig(diversity=0.0))
     for name in ("mlo", "mlo-light"):
         assert not create_policy(name, context).has_regularizer()
     assert create_policy("constraint", context).has_regularizer()  # its own penalty

@@ -3,6 +3,7 @@ their learnable parts (β, the two ratios) against a finite difference as in tes
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -19,6 +20,7 @@ from hypergradient_check import (
 )
 
 from maskkit.checkpoint import load_checkpoint
+from maskkit.config import LearnedMaskConfig
 from maskkit.engine.pretrain import Pretrainer
 from maskkit.engine.run import build_models
 from maskkit.errors import PluginError
@@ -156,7 +158,9 @@ def test_constraint_fixed_masks_critical_patches_only_when_it_must() -> None:
 
 def test_constraint_penalty_is_the_mean_mask_probability_of_critical_patches() -> None:
     torch.manual_seed(0)
-    policy = create_policy("constraint", CONTEXT, {"penalty": 2.0})
+    # Its own term alone (the run's diversity term, added to it, has tests/test_diversity.py).
+    own_term_only = dataclasses.replace(CONTEXT, learned_mask=LearnedMaskConfig(diversity=0.0))
+    policy = create_policy("constraint", own_term_only, {"penalty": 2.0})
     importance = _graded_importance(8)
     batch = _batch({"importance": importance})
     decision = policy(batch)
@@ -206,7 +210,8 @@ def test_lambda_zero_makes_constraint_the_plain_learned_mask(tmp_path) -> None:
         assert torch.equal(constrained.policy.state_dict()[name], value), name
     for name, value in plain.mae.state_dict().items():
         assert torch.equal(constrained.mae.state_dict()[name], value), name
-    assert constrained.objectives.last_regularizer is None
+    # Both carry the run's diversity term alone, the same one.
+    assert torch.equal(constrained.objectives.last_regularizer, plain.objectives.last_regularizer)
     # With λ > 0 the same start ends elsewhere.
     penalised = _pretrainer(tmp_path, "constraint", {"penalty": 5.0})
     torch.manual_seed(1)
