@@ -137,7 +137,9 @@ class LearnedMaskConfig(StrictModel):
       standardised logits that is one map for every image of the batch
       (:func:`~maskkit.masking.shared_map_share`, through the policy's ``regularizer``, logged
       as ``loss/mask_regularizer``), so the mask is pushed to depend on the image rather than
-      on the position alone; 0 adds nothing (``paper``, and a run saved before the key existed).
+      on the position alone; 0 (the default) adds nothing. It makes the mask depend on the
+      image, and at the ``cpu`` preset at λ = 0.3 it also cost T what it had learned
+      (``docs/mlo.md``, "Measured: a diversity term"), so it is off unless set.
     - ``random_warmup``: share of stage 1 that masks uniformly at random with T frozen, so E and
       the level-2 head reach a useful state before T learns from them.
     - ``lr_warmup``: share of the mask level's steps (after the random warm-up) over which its lr
@@ -155,7 +157,7 @@ class LearnedMaskConfig(StrictModel):
     temperature: tuple[float, float] = (1.0, 0.5)
     fan_in_scaling: bool = True
     centre_tokens: bool = True
-    diversity: float = Field(0.3, ge=0)
+    diversity: float = Field(0.0, ge=0)
     random_warmup: float = Field(0.1, ge=0, lt=1)
     lr_warmup: float = Field(0.1, ge=0, lt=1)
     head_refit_every: int | None = Field(5, gt=0)

@@ -230,7 +230,6 @@ def test_the_paper_preset_keeps_the_reference_mask():
     assert not learned.centre_tokens and learned.diversity == 0
     assert math.isclose(build_config("cpu").pretrain.learned_mask.logit_bound, 3.0)
     assert build_config("cpu").pretrain.learned_mask.centre_tokens
-    assert build_config("cpu").pretrain.learned_mask.diversity > 0
 
 
 def _saved(tmp_path, config: dict) -> RunConfig:
@@ -246,10 +245,8 @@ def test_a_run_saved_before_centred_tokens_loads_as_it_ran(tmp_path):
     warning, and a new config takes the default."""
     config = build_config("cpu", overrides=[{"policy": "mlo"}]).model_dump(mode="json")
     del config["pretrain"]["learned_mask"]["centre_tokens"]
-    del config["pretrain"]["learned_mask"]["diversity"]  # on by default too, since the key exists
     before = _saved(tmp_path, config)
     assert not before.pretrain.learned_mask.centre_tokens
-    assert before.pretrain.learned_mask.diversity == 0
     context = PolicyContext(
         num_patches=16, embed_dim=8, grid_size=4, patch_size=8, learned_mask=before.pretrain.learned_mask
     )
