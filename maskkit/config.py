@@ -140,6 +140,10 @@ class LearnedMaskConfig(StrictModel):
       on the position alone; 0 (the default) adds nothing. It makes the mask depend on the
       image, and at the ``cpu`` preset at λ = 0.3 it also cost T what it had learned
       (``docs/mlo.md``, "Measured: a diversity term"), so it is off unless set.
+    - ``shared_map_cap`` s₀: the diversity term acts only on the share above s₀,
+      ``λ·max(0, share − s₀)`` (a hinge), so it leaves T alone where its mask already depends on
+      the image enough and pushes only a mask that is mostly one map for all; 0 penalises the
+      whole share.
     - ``random_warmup``: share of stage 1 that masks uniformly at random with T frozen, so E and
       the level-2 head reach a useful state before T learns from them.
     - ``lr_warmup``: share of the mask level's steps (after the random warm-up) over which its lr
@@ -158,6 +162,7 @@ class LearnedMaskConfig(StrictModel):
     fan_in_scaling: bool = True
     centre_tokens: bool = True
     diversity: float = Field(0.0, ge=0)
+    shared_map_cap: float = Field(0.0, ge=0, lt=1)
     random_warmup: float = Field(0.1, ge=0, lt=1)
     lr_warmup: float = Field(0.1, ge=0, lt=1)
     head_refit_every: int | None = Field(5, gt=0)
@@ -617,6 +622,7 @@ LEGACY_LEARNED_MASK = {
     "fan_in_scaling": False,
     "centre_tokens": False,
     "diversity": 0,
+    "shared_map_cap": 0,
     "random_warmup": 0,
     "lr_warmup": 0,
     "head_refit_every": None,
@@ -626,13 +632,13 @@ LEGACY_LEARNED_MASK = {
 def load_run_config(path: Path) -> RunConfig:
     """Read a saved ``config.yaml``. A run saved before ``pretrain.learned_mask`` existed is read
     as it ran: with none of it (:data:`LEGACY_LEARNED_MASK`); one saved before
-    ``pretrain.learned_mask.centre_tokens`` or ``.diversity`` existed (2026-12-06) ran without
-    them."""
+    ``pretrain.learned_mask.centre_tokens``, ``.diversity`` or ``.shared_map_cap`` existed
+    (2026-12-06/07) ran without them."""
     raw = read_yaml(path)
     pretrain = raw.get("pretrain")
     if isinstance(pretrain, dict):
         learned_mask = pretrain.get("learned_mask", LEGACY_LEARNED_MASK)
         if isinstance(learned_mask, dict):
-            learned_mask = {"centre_tokens": False, "diversity": 0, **learned_mask}
+            learned_mask = {"centre_tokens": False, "diversity": 0, "shared_map_cap": 0, **learned_mask}
         raw = {**raw, "pretrain": {**pretrain, "learned_mask": learned_mask}}
     return validate_config(raw)

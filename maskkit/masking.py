@@ -301,17 +301,22 @@ class LearnedMasking(MaskPolicy):
         return own or self.context.learned_mask.diversity > 0
 
     def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
-        """``diversity · shared_map_share(scorer's logits)`` (:func:`shared_map_share`) when the
-        run's ``pretrain.learned_mask.diversity`` is above 0, else None. A subclass with a
+        """``diversity · max(0, shared_map_share(scorer's logits) − shared_map_cap)``
+        (:func:`shared_map_share`) when the run's ``pretrain.learned_mask.diversity`` is above 0,
+        else None. A subclass with a
         penalty of its own adds this one to it (:meth:`diversity_penalty`)."""
         return self.diversity_penalty(batch)
 
     def diversity_penalty(self, batch: MaskBatch) -> Tensor | None:
-        """The diversity term alone: a 0-d tensor, or None when ``diversity`` is 0."""
-        weight = self.context.learned_mask.diversity
-        if weight == 0:
+        """The diversity term alone, ``diversity · max(0, share − shared_map_cap)`` with
+        ``share = shared_map_share(scorer's logits)``: a 0-d tensor (0 while the share is at or
+        under the cap, so T is left alone where its mask already depends on the image), or None
+        when ``diversity`` is 0."""
+        settings = self.context.learned_mask
+        if settings.diversity == 0:
             return None
-        return weight * shared_map_share(self.mask_logits(batch.tokens))
+        share = shared_map_share(self.mask_logits(batch.tokens))
+        return settings.diversity * (share - settings.shared_map_cap).clamp_min(0)
 
     def set_progress(self, step: int, total_steps: int) -> None:
         self.progress.fill_((step - 1) / max(1, total_steps - 1))

@@ -40,7 +40,7 @@ CASES: dict[str, dict] = {
         "policy_options": {"hidden_dim": 4},
         "pretrain": {
             "hypergradient": {"estimator": "cg", "cg_iterations": 2},
-            "learned_mask": {"diversity": 1.0},
+            "learned_mask": {"diversity": 1.0, "shared_map_cap": 0.0},
         },
     },
     # mlo centres its tokens by the global batch's mean (a collective), and under the reference

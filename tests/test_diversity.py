@@ -41,11 +41,12 @@ def test_the_shared_share_is_one_for_one_map_and_about_one_over_b_for_unrelated_
     assert shared_map_share(mixed).item() == pytest.approx(expected, abs=1e-5)
 
 
-def _image_dependence_after_training(sign: float, steps: int = 30) -> tuple[float, float]:
+def _image_dependence_after_training(sign: float, steps: int = 30, cap: float = 0.0) -> tuple[float, float]:
     """``mlo`` (uncentred tokens, so it starts as nearly one map) stepped by AdamW on ``sign`` ×
-    its diversity penalty alone; its image dependence in evaluation before and after."""
+    its diversity penalty alone (with ``shared_map_cap`` ``cap``); its image dependence in
+    evaluation before and after."""
     torch.manual_seed(0)
-    settings = LearnedMaskConfig(centre_tokens=False, diversity=1.0)
+    settings = LearnedMaskConfig(centre_tokens=False, diversity=1.0, shared_map_cap=cap)
     policy = MLOMasking(PolicyContext(**SMALL, learned_mask=settings), hidden_dim=64)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, betas=(0.9, 0.95))
     tokens = _tokens(32, images_seed=1)
@@ -70,6 +71,38 @@ def test_the_diversity_penalty_makes_the_mask_depend_on_the_image():
     # Its sign is what moves it: ascending the penalty makes the mask one map for all.
     _, ascended = _image_dependence_after_training(-1.0)
     assert ascended < before / 3  # measured: 0.13 → 0.009
+
+
+def test_the_capped_term_is_a_hinge_on_the_share():
+    """``shared_map_cap`` s₀: the penalty is λ·max(0, share − s₀), its gradient λ·∇share above
+    the cap and exactly 0 at or under it."""
+    tokens = _tokens(16, images_seed=4)
+    batch = MaskBatch(tokens, tokens, 0.75)
+    torch.manual_seed(0)
+    plain = MLOMasking(PolicyContext(**SMALL, learned_mask=LearnedMaskConfig(diversity=2.0)), hidden_dim=16)
+    share = shared_map_share(plain.mask_logits(tokens))
+    (plain_gradient,) = torch.autograd.grad(plain.regularizer(plain(batch), batch), plain.scorer[-1].weight)
+    assert plain_gradient.abs().max() > 0
+    for cap, active in ((share.item() - 0.05, True), (share.item() + 0.05, False)):
+        torch.manual_seed(0)
+        settings = LearnedMaskConfig(diversity=2.0, shared_map_cap=cap)
+        capped = MLOMasking(PolicyContext(**SMALL, learned_mask=settings), hidden_dim=16)
+        penalty = capped.regularizer(capped(batch), batch)
+        (gradient,) = torch.autograd.grad(penalty, capped.scorer[-1].weight)
+        if active:
+            assert penalty.item() == pytest.approx(2.0 * (share.item() - cap), rel=1e-4)
+            torch.testing.assert_close(gradient, plain_gradient)
+        else:
+            assert penalty.item() == 0.0 and not gradient.any()
+
+
+def test_the_capped_term_stops_at_the_cap():
+    """Stepped on the hinge alone from a mask that is mostly one map, the image dependence rises
+    until the shared share reaches the cap and no further; the uncapped term goes on."""
+    before, uncapped = _image_dependence_after_training(+1.0, steps=60)
+    _, capped = _image_dependence_after_training(+1.0, steps=60, cap=0.6)
+    assert before < 0.3  # a shared share of more than 0.7
+    assert 0.3 < capped < 0.6 < uncapped  # measured: 0.13 → 0.38 capped (0.37 after 200 steps), 0.95 uncapped
 
 
 def test_diversity_zero_adds_no_regulariser_and_constraint_adds_both_terms():
