@@ -271,6 +271,9 @@ class LearnedMasking(MaskPolicy):
         # the engine sets it: a policy used on its own has no warm-up and samples at the
         # starting temperature.
         self.register_buffer("progress", torch.full((), -1.0), persistent=False)
+        # The shared map's share of the diversity term's last batch (None before it, or with the
+        # term off): logged as ``policy/shared_map_share`` to set beside ``shared_map_cap``.
+        self.last_shared_map_share: Tensor | None = None
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         """A state that saved ``progress`` (runs of early 2026-12, when it was persistent) loads:
@@ -316,7 +319,14 @@ class LearnedMasking(MaskPolicy):
         if settings.diversity == 0:
             return None
         share = shared_map_share(self.mask_logits(batch.tokens))
+        self.last_shared_map_share = share.detach()
         return settings.diversity * (share - settings.shared_map_cap).clamp_min(0)
+
+    def statistics(self) -> dict[str, float]:
+        """``shared_map_share``: the share :meth:`diversity_penalty` saw last (its hinge acts
+        above ``shared_map_cap``), once the term has run."""
+        share = self.last_shared_map_share
+        return {} if share is None else {"shared_map_share": float(share)}
 
     def set_progress(self, step: int, total_steps: int) -> None:
         self.progress.fill_((step - 1) / max(1, total_steps - 1))

@@ -79,7 +79,7 @@ class SemanticSoftMasking(LearnedMasking):
         return decision_from_scores(scores, batch.mask_ratio, weights=mask_probability(logits))
 
     def statistics(self) -> dict[str, float]:
-        return {"beta": float(self.beta.detach())}
+        return {**super().statistics(), "beta": float(self.beta.detach())}
 
 
 class SemanticSoftFixedMasking(MaskPolicy):

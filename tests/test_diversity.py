@@ -94,6 +94,8 @@ def test_the_capped_term_is_a_hinge_on_the_share():
             torch.testing.assert_close(gradient, plain_gradient)
         else:
             assert penalty.item() == 0.0 and not gradient.any()
+        # The share itself is logged either way (``policy/shared_map_share``), to set beside the cap.
+        assert capped.statistics()["shared_map_share"] == pytest.approx(share.item(), rel=1e-5)
 
 
 def test_the_capped_term_stops_at_the_cap():
@@ -150,6 +152,7 @@ def test_the_diversity_term_enters_the_mask_objective_and_moves_t(tmp_path):
             pretrainer.mlo.step(step)
         regularizer = pretrainer.objectives.last_regularizer
         assert (regularizer is None) == (diversity == 0.0)
+        assert ("shared_map_share" in policy.statistics()) == (diversity > 0.0)
         policies[diversity] = {name: value.clone() for name, value in policy.state_dict().items()}
     assert 0.0 < float(regularizer) <= 1.0 + 1e-6
     moved = [not torch.equal(policies[1.0][name], value) for name, value in policies[0.0].items()]
