@@ -133,17 +133,16 @@ class LearnedMaskConfig(StrictModel):
       running mean in evaluation) before that normalisation
       (:class:`~maskkit.masking.SlotCentring`), so the position embedding every image shares does
       not drown what differs between images and the mask can depend on the image.
-    - ``diversity`` λ: the level-3 objective gains λ times the share of T's per-image
-      standardised logits that is one map for every image of the batch
-      (:func:`~maskkit.masking.shared_map_share`, through the policy's ``regularizer``, logged
-      as ``loss/mask_regularizer``), so the mask is pushed to depend on the image rather than
-      on the position alone; 0 (the default) adds nothing. It makes the mask depend on the
-      image, and at the ``cpu`` preset at λ = 0.3 it also cost T what it had learned
-      (``docs/mlo.md``, "Measured: a diversity term"), so it is off unless set.
-    - ``shared_map_cap`` s₀: the diversity term acts only on the share above s₀,
-      ``λ·max(0, share − s₀)`` (a hinge), so it leaves T alone where its mask already depends on
-      the image enough and pushes only a mask that is mostly one map for all; 0 penalises the
-      whole share.
+    - ``diversity`` λ and ``shared_map_cap`` s₀: the level-3 objective gains
+      ``λ·max(0, share − s₀)``, where ``share`` is the part of T's per-image standardised
+      logits that is one map for every image of the batch
+      (:func:`~maskkit.masking.shared_map_share`, logged as ``policy/shared_map_share``; the
+      term goes through the policy's ``regularizer``, logged as ``loss/mask_regularizer``). A
+      hinge: it leaves T alone while its mask depends on the image enough (the ``cpu`` preset's
+      ``mlo``, whose share stays under 0.5) and pushes a mask that is mostly one map for all (the
+      ViT-S/2 width's) back to the cap. λ = 0 adds nothing; s₀ = 0 penalises the whole share,
+      which at the ``cpu`` preset (λ = 0.3) cost T what it had learned (``docs/mlo.md``,
+      "Measured: a diversity term" and "Measured: the diversity term as a hinge").
     - ``random_warmup``: share of stage 1 that masks uniformly at random with T frozen, so E and
       the level-2 head reach a useful state before T learns from them.
     - ``lr_warmup``: share of the mask level's steps (after the random warm-up) over which its lr
@@ -161,8 +160,8 @@ class LearnedMaskConfig(StrictModel):
     temperature: tuple[float, float] = (1.0, 0.5)
     fan_in_scaling: bool = True
     centre_tokens: bool = True
-    diversity: float = Field(0.0, ge=0)
-    shared_map_cap: float = Field(0.0, ge=0, lt=1)
+    diversity: float = Field(1.0, ge=0)
+    shared_map_cap: float = Field(0.5, ge=0, lt=1)
     random_warmup: float = Field(0.1, ge=0, lt=1)
     lr_warmup: float = Field(0.1, ge=0, lt=1)
     head_refit_every: int | None = Field(5, gt=0)

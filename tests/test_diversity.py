@@ -79,7 +79,10 @@ def test_the_capped_term_is_a_hinge_on_the_share():
     tokens = _tokens(16, images_seed=4)
     batch = MaskBatch(tokens, tokens, 0.75)
     torch.manual_seed(0)
-    plain = MLOMasking(PolicyContext(**SMALL, learned_mask=LearnedMaskConfig(diversity=2.0)), hidden_dim=16)
+    plain = MLOMasking(
+        PolicyContext(**SMALL, learned_mask=LearnedMaskConfig(diversity=2.0, shared_map_cap=0.0)),
+        hidden_dim=16,
+    )
     share = shared_map_share(plain.mask_logits(tokens))
     (plain_gradient,) = torch.autograd.grad(plain.regularizer(plain(batch), batch), plain.scorer[-1].weight)
     assert plain_gradient.abs().max() > 0
@@ -114,7 +117,7 @@ def test_diversity_zero_adds_no_regulariser_and_constraint_adds_both_terms():
         assert not create_policy(name, context).has_regularizer()
     assert create_policy("constraint", context).has_regularizer()  # its own penalty
 
-    diverse = PolicyContext(**SMALL, learned_mask=LearnedMaskConfig(diversity=0.5))
+    diverse = PolicyContext(**SMALL, learned_mask=LearnedMaskConfig(diversity=0.5, shared_map_cap=0.0))
     tokens = _tokens(8, images_seed=3)
     importance = torch.rand(8, 64, generator=torch.Generator().manual_seed(3))
     batch = MaskBatch(tokens, tokens, 0.75, {"importance": importance})
@@ -143,7 +146,9 @@ def test_the_diversity_term_enters_the_mask_objective_and_moves_t(tmp_path):
     policies = {}
     for diversity in (0.0, 1.0):
         torch.manual_seed(0)
-        config = tiny_config("mlo", pretrain={"learned_mask": {"diversity": diversity}})
+        config = tiny_config(
+            "mlo", pretrain={"learned_mask": {"diversity": diversity, "shared_map_cap": 0.0}}
+        )
         context = quiet_context(config, dataset, tmp_path / f"run-{diversity}")
         mae, policy, head = build_models(config, dataset.num_classes, context.device)
         pretrainer = Pretrainer(context, mae, policy, head)

@@ -210,7 +210,9 @@ def test_lambda_zero_makes_constraint_the_plain_learned_mask(tmp_path) -> None:
         assert torch.equal(constrained.policy.state_dict()[name], value), name
     for name, value in plain.mae.state_dict().items():
         assert torch.equal(constrained.mae.state_dict()[name], value), name
-    assert constrained.objectives.last_regularizer is None
+    # What is left of its regulariser is the run's diversity term, exactly mlo-light's.
+    assert plain.objectives.last_regularizer is not None
+    assert torch.equal(constrained.objectives.last_regularizer, plain.objectives.last_regularizer)
     # With λ > 0 the same start ends elsewhere.
     penalised = _pretrainer(tmp_path, "constraint", {"penalty": 5.0})
     torch.manual_seed(1)

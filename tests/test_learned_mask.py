@@ -267,6 +267,24 @@ def test_a_run_saved_before_centred_tokens_loads_as_it_ran(tmp_path):
     assert build_config("cpu", overrides=[{"policy": "mlo"}]).pretrain.learned_mask.centre_tokens
 
 
+def test_a_run_saved_before_the_diversity_hinge_loads_as_it_ran(tmp_path):
+    """The diversity hinge (λ = 1 above a share of 0.5) is the default since 2026-12-07: a saved
+    config without ``diversity`` ran without the term, and one with a ``diversity`` but no
+    ``shared_map_cap`` (2026-12-06, night) penalised the whole share."""
+    config = build_config("cpu", overrides=[{"policy": "mlo"}]).model_dump(mode="json")
+    assert (
+        config["pretrain"]["learned_mask"]["diversity"],
+        config["pretrain"]["learned_mask"]["shared_map_cap"],
+    ) == (1.0, 0.5)
+    del config["pretrain"]["learned_mask"]["diversity"], config["pretrain"]["learned_mask"]["shared_map_cap"]
+    assert _saved(tmp_path, config).pretrain.learned_mask.diversity == 0
+    config["pretrain"]["learned_mask"]["diversity"] = 0.3
+    plain = _saved(tmp_path, config).pretrain.learned_mask
+    assert (plain.diversity, plain.shared_map_cap) == (0.3, 0)
+    paper = build_config("paper").pretrain.learned_mask
+    assert (paper.diversity, paper.shared_map_cap) == (0, 0)
+
+
 def test_a_run_saved_before_the_learned_mask_section_loads_as_it_ran(tmp_path):
     """Its config.yaml has no pretrain.learned_mask: it is read as the reference formulation,
     and the policies then have exactly the parameters (and no buffer) they were saved with."""
