@@ -306,8 +306,8 @@ class LearnedMasking(MaskPolicy):
     def regularizer(self, decision: MaskDecision, batch: MaskBatch) -> Tensor | None:
         """``diversity · max(0, shared_map_share(scorer's logits) − shared_map_cap)``
         (:func:`shared_map_share`) when the run's ``pretrain.learned_mask.diversity`` is above 0,
-        else None. A subclass with a
-        penalty of its own adds this one to it (:meth:`diversity_penalty`)."""
+        else None. A subclass with a penalty of its own adds this one to it
+        (:meth:`diversity_penalty`)."""
         return self.diversity_penalty(batch)
 
     def diversity_penalty(self, batch: MaskBatch) -> Tensor | None:
