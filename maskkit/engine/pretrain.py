@@ -144,6 +144,9 @@ class Pretrainer:
         self.best_accuracy: float | None = None
         self.evaluations: list[dict] = []
         self.last_health: dict = {}  # the latest health record (mask_health.py)
+        # The policy's statistics as a resumed checkpoint saved them: a record logs them until the
+        # policy reports its own (a statistic of its last regulariser batch is not in its weights).
+        self.resumed_statistics: dict[str, float] = {}
         self.diagnostics_every = max(1, self.total_steps // 25)  # pretrain steps between records
         self.pending_snr: float | None = None  # the latest step's hypergradient probe, to log
         self.start_step = 0
@@ -267,6 +270,12 @@ class Pretrainer:
             "health": self.health.state_dict() if self.health is not None else None,
             "last_health": dict(self.last_health),
             "last_refit": self.last_refit,
+            # What the next record would log of the latest steps, so a resumed run logs the same.
+            "last_terms": {
+                "policy_pretrain": _as_float(self.objectives.last_policy_pretrain),
+                "regularizer": _as_float(self.objectives.last_regularizer),
+            },
+            "policy_statistics": {**self.resumed_statistics, **checked_statistics(self.policy)},
             "refit_features": self.refit_features.state_dict() if self.refit_features is not None else None,
         }
 
@@ -286,6 +295,10 @@ class Pretrainer:
             self.health.load_state_dict(state["health"])
         self.last_health = dict(state.get("last_health", {}))
         self.last_refit = state.get("last_refit", 0)
+        terms = state.get("last_terms", {})
+        self.objectives.last_policy_pretrain = _as_tensor(terms.get("policy_pretrain"))
+        self.objectives.last_regularizer = _as_tensor(terms.get("regularizer"))
+        self.resumed_statistics = dict(state.get("policy_statistics", {}))
         if self.refit_features is not None and state.get("refit_features"):
             self.refit_features.load_state_dict(state["refit_features"])
         self.seconds_before = state["seconds"]
@@ -497,7 +510,7 @@ class Pretrainer:
                 record[key] = float(value)
         if self.objectives.last_policy_pretrain is not None:
             record["loss/policy_pretrain"] = mean_of(float(self.objectives.last_policy_pretrain))
-        for key, value in checked_statistics(self.policy).items():
+        for key, value in {**self.resumed_statistics, **checked_statistics(self.policy)}.items():
             record[f"policy/{key}"] = value
         if self.objectives.last_regularizer is not None:
             record["loss/mask_regularizer"] = mean_of(float(self.objectives.last_regularizer))
@@ -507,6 +520,14 @@ class Pretrainer:
             record[f"lr/{name}"] = level.optimizer.param_groups[0]["lr"]
         record["images_per_s"] = round(images_per_s, 2)
         return record
+
+
+def _as_float(value: torch.Tensor | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _as_tensor(value: float | None) -> torch.Tensor | None:
+    return None if value is None else torch.tensor(value)
 
 
 def majority_rate(labels: torch.Tensor) -> float:
