@@ -139,8 +139,8 @@ class LearnedMaskConfig(StrictModel):
       (:func:`~maskkit.masking.shared_map_share`, logged as ``policy/shared_map_share``; the
       term goes through the policy's ``regularizer``, logged as ``loss/mask_regularizer``). A
       hinge: it leaves T alone while its mask depends on the image enough (the ``cpu`` preset's
-      ``mlo``, whose share is mostly under 0.5: the hinge acted at a few steps of seed 0 and at
-      none of seed 1) and pushes a mask that is mostly one map for all (the ViT-S/2 width's)
+      ``mlo``, whose share is mostly under 0.5: the hinge acted at a few steps of seeds 0 and 2
+      and at none of seed 1) and pushes a mask that is mostly one map for all (the ViT-S/2 width's)
       back to the cap. λ = 0 adds nothing; s₀ = 0 penalises the whole share,
       which at the ``cpu`` preset (λ = 0.3) cost T what it had learned (``docs/mlo.md``,
       "Measured: a diversity term" and "Measured: the diversity term as a hinge").

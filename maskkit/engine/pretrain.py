@@ -275,7 +275,7 @@ class Pretrainer:
                 "policy_pretrain": _as_float(self.objectives.last_policy_pretrain),
                 "regularizer": _as_float(self.objectives.last_regularizer),
             },
-            "policy_statistics": {**self.resumed_statistics, **checked_statistics(self.policy)},
+            "policy_statistics": self._policy_statistics(),
             "refit_features": self.refit_features.state_dict() if self.refit_features is not None else None,
         }
 
@@ -497,6 +497,11 @@ class Pretrainer:
         )
         return ("last", "best") if improved else ("last",)
 
+    def _policy_statistics(self) -> dict[str, float]:
+        """The policy's statistics, over those a resumed checkpoint saved (which stand in for the
+        ones the policy has not computed again since)."""
+        return {**self.resumed_statistics, **checked_statistics(self.policy)}
+
     def _log_record(self, step: int, images_per_s: float, elapsed: float) -> dict:
         record: dict = {"stage": "pretrain", "step": step, "time": round(elapsed, 3)}
         for name, loss in self.mlo.last_losses().items():
@@ -510,7 +515,7 @@ class Pretrainer:
                 record[key] = float(value)
         if self.objectives.last_policy_pretrain is not None:
             record["loss/policy_pretrain"] = mean_of(float(self.objectives.last_policy_pretrain))
-        for key, value in {**self.resumed_statistics, **checked_statistics(self.policy)}.items():
+        for key, value in self._policy_statistics().items():
             record[f"policy/{key}"] = value
         if self.objectives.last_regularizer is not None:
             record["loss/mask_regularizer"] = mean_of(float(self.objectives.last_regularizer))
